@@ -1,0 +1,175 @@
+"""Checkpoints as folders: ``checkpoint-<step>/{deepspeed/, hf_model/, training_info.json}``.
+
+A ``ModelCheckpoint`` subclass, so Lightning's scheduling (``every_n_train_steps``), top-k retention and
+the strategy's own saving (DeepSpeed's sharded engine state, or the Lightning checkpoint on one device)
+are reused as they are. A checkpoint is written into a hidden temporary folder and renamed into place
+only once its three parts are complete, ``training_info.json`` last: a folder named ``checkpoint-<step>``
+is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+
+CHECKPOINT_PREFIX = "checkpoint-"
+INFO_FILE = "training_info.json"
+STATE_DIR = "deepspeed"
+STATE_FILE = "state.ckpt"
+HF_DIR = "hf_model"
+_VERSIONED = ("torch", "lightning", "transformers", "deepspeed", "qwen-cls")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder, or None for anything else."""
+    suffix = path.name[len(CHECKPOINT_PREFIX) :]
+    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def is_complete(path: Path) -> bool:
+    return (path / INFO_FILE).is_file() and (path / HF_DIR).is_dir() and (path / STATE_DIR).exists()
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, in step order; incomplete ones are skipped with a warning."""
+    found = []
+    for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        step = checkpoint_step(path)
+        if step is None or not path.is_dir():
+            continue
+        if not is_complete(path):
+            rank_zero_warn(f"skipping incomplete checkpoint folder {path}")
+            continue
+        found.append((step, path))
+    return [p for _, p in sorted(found)]
+
+
+def resume_state_path(checkpoint: str | Path, deepspeed: bool) -> str:
+    """What ``Trainer.fit(ckpt_path=...)`` needs for a checkpoint folder: DeepSpeed's directory, or the file."""
+    state = Path(checkpoint) / STATE_DIR
+    return str(state if deepspeed else state / STATE_FILE)
+
+
+class QwenCheckpoint(ModelCheckpoint):
+    """Writes the checkpoint folders every ``every_n_train_steps`` optimizer steps and at the last step."""
+
+    FILE_EXTENSION = ""
+
+    def __init__(self, dirpath: str, run_info: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(
+            dirpath=dirpath,
+            filename=CHECKPOINT_PREFIX + "{step}",
+            auto_insert_metric_name=False,
+            save_last=False,
+            save_on_train_epoch_end=False,
+            **kwargs,
+        )
+        self.run_info = run_info or {}
+        self._elapsed_before = 0.0
+        self._started = time.monotonic()
+        self._loss_sum = 0.0
+        self._loss_count = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._loss_sum += float(loss.detach())
+            self._loss_count += 1
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The last step is always saved, whatever ``save_steps`` is: it is the one to resume from."""
+        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
+        """Silenced: ``qwen-cls fit`` refuses an output_dir with checkpoints unless resuming or overwriting."""
+
+    def _get_metric_interpolated_filepath_name(self, monitor_candidates, trainer, del_filepath=None) -> str:
+        """One folder per step: a re-run of a step (after a resume) replaces it instead of adding ``-v1``."""
+        return self.format_checkpoint_name(monitor_candidates)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        final = Path(filepath)
+        tmp = final.parent / f".{final.name}.tmp"
+        if trainer.is_global_zero and tmp.exists():
+            shutil.rmtree(tmp)
+        trainer.strategy.barrier("qwen_cls_checkpoint_start")
+        deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
+        trainer.save_checkpoint(resume_state_path(tmp, deepspeed), self.save_weights_only)
+        loss = trainer.strategy.reduce(torch.tensor(self._loss_sum / max(self._loss_count, 1)), reduce_op="mean")
+        if trainer.is_global_zero:
+            self._write_hf_model(trainer, tmp / HF_DIR)
+            self._write_info(trainer, tmp / INFO_FILE, float(loss) if self._loss_count else None)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        trainer.strategy.barrier("qwen_cls_checkpoint_end")
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = str(final)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if trainer.is_global_zero and Path(filepath).is_dir():
+            shutil.rmtree(filepath)
+
+    @staticmethod
+    def _write_hf_model(trainer: L.Trainer, path: Path) -> None:
+        trainer.lightning_module.net.save_pretrained(path)
+        processor = getattr(trainer.datamodule, "processor", None)
+        if processor is not None:
+            processor.save_pretrained(path)
+
+    def _write_info(self, trainer: L.Trainer, path: Path, train_loss: float | None) -> None:
+        module = trainer.lightning_module
+        info = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "samples_seen": module.samples_seen,
+            "train_loss": train_loss,
+            "learning_rate": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
+            "elapsed_seconds": round(self.elapsed_seconds(), 3),
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "precision": str(trainer.precision),
+            "versions": library_versions(),
+            **self.run_info,
+        }
+        path.write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+    def elapsed_seconds(self) -> float:
+        return self._elapsed_before + time.monotonic() - self._started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "elapsed_seconds": self.elapsed_seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._elapsed_before = state_dict.get("elapsed_seconds", 0.0)

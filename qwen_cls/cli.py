@@ -11,6 +11,7 @@ decides what the run really does, and the keys it overrode are printed.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 
 from qwen_cls.checkpoint import QwenCheckpoint, list_checkpoints, resume_state_path
 from qwen_cls.config import (
@@ -65,12 +66,21 @@ LINKS = [
 ]
 
 
+@rank_zero_only
+def say(message: str) -> None:
+    """One line to the user on stdout, from rank 0 only."""
+    print(f"[qwen-cls] {message}", flush=True)
+
+
 class QwenCLI(LightningCLI):
     resolution: Resolution
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}, "validate": {"model", "dataloaders", "datamodule"}}
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name, section in SECTIONS.items():
@@ -82,12 +92,12 @@ class QwenCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         self.resolution = resolve(cfg.as_dict())
         for override in self.resolution.overrides:
-            rank_zero_info(f"[qwen-cls] {override}")
+            say(str(override))
         for section in ("training", "evaluation", "best_model_tracking"):
             for key, value in self.resolution.config[section].items():
                 if key not in ("evaluation", "best_model_tracking"):
                     cfg[f"{section}.{key}"] = value
-        if self.subcommand == "fit":
+        if self.subcommand != "validate":  # fit, or objects built for training (run=False)
             for key, value in self.resolution.trainer.items():
                 cfg[f"trainer.{key}"] = value
 
@@ -98,12 +108,14 @@ class QwenCLI(LightningCLI):
             "config": self.resolution.config,
             "overrides": [str(o) for o in self.resolution.overrides],
         }
-        callbacks = [
-            QwenCheckpoint(output_dir, run_info=run_info, **self.resolution.checkpoint),
-            RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=cfg.training.logging_steps),
-        ]
-        callbacks += [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [QwenCheckpoint(output_dir, run_info=run_info, **self.resolution.checkpoint)]
+        if trainer_config.get("enable_progress_bar") is not False:
+            tty = sys.stdout.isatty()
+            callbacks.append(
+                RichProgressBar() if tty else TQDMProgressBar(refresh_rate=cfg.training.logging_steps)
+            )
+        callbacks += [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         if trainer_config.get("logger") is not False:
             trainer_config["logger"] = self._loggers(cfg, output_dir)
         return self._instantiate_trainer(trainer_config, callbacks)
@@ -115,10 +127,14 @@ class QwenCLI(LightningCLI):
         if wandb.enabled:
             offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
             if offline:
-                rank_zero_info("[qwen-cls] W&B: no WANDB_API_KEY, logging offline (wandb sync later)")
+                say("W&B: no WANDB_API_KEY, logging offline (run `wandb sync` later)")
             loggers.append(
                 WandbLogger(
-                    project=wandb.project, name=wandb.run_name, entity=wandb.entity, save_dir=output_dir, offline=offline
+                    project=wandb.project,
+                    name=wandb.run_name,
+                    entity=wandb.entity,
+                    save_dir=output_dir,
+                    offline=offline,
                 )
             )
         return loggers
@@ -137,11 +153,16 @@ class QwenCLI(LightningCLI):
             ckpt_path = resume_state_path(ckpt_path, deepspeed)
         if ckpt_path and not Path(ckpt_path).exists():
             raise ConfigError(f"ckpt_path: {ckpt_path} does not exist")
-        if not ckpt_path and existing and not cfg.training.overwrite_output_dir:
-            raise ConfigError(
-                f"training.output_dir: {output_dir} already holds checkpoints ({existing[-1].name}); resume with "
-                "--ckpt_path last, choose another output_dir, or set training.overwrite_output_dir: true"
-            )
+        if not ckpt_path and existing:
+            if not cfg.training.overwrite_output_dir:
+                raise ConfigError(
+                    f"training.output_dir: {output_dir} already holds checkpoints ({existing[-1].name}); resume with "
+                    "--ckpt_path last, choose another output_dir, or set training.overwrite_output_dir: true"
+                )
+            if self.trainer.is_global_zero:
+                say(f"overwrite_output_dir: removing {len(existing)} old checkpoints from {output_dir}")
+                for path in existing:
+                    shutil.rmtree(path)
         self._resume_from = ckpt_path
 
     def fit(self, model, datamodule=None, **kwargs) -> None:

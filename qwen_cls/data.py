@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,10 +34,10 @@ class Row:
     dataset_idx: int
 
 
-def _as_list(paths: str | Sequence[str] | None) -> list[str]:
+def _as_list(paths: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str | os.PathLike]:
     if paths is None:
         return []
-    return [paths] if isinstance(paths, str) else list(paths)
+    return [paths] if isinstance(paths, str | os.PathLike) else list(paths)
 
 
 def read_rows(jsonl_files: str | Sequence[str], dataset_configs: dict[str, DatasetConfig]) -> list[Row]:
@@ -73,7 +74,9 @@ def _parse_row(line: str, where: str, base: Path, names: list[str], configs: dic
     dataset = obj.get("dataset_name", obj.get("dataset"))
     if dataset is None:
         if len(names) != 1:
-            raise DataError(f"{where}: missing 'dataset_name' (several datasets are configured: {', '.join(names)})")
+            raise DataError(
+                f"{where}: missing 'dataset_name' (several datasets are configured: {', '.join(names)})"
+            )
         dataset = names[0]
     if dataset not in configs:
         raise DataError(
@@ -191,12 +194,17 @@ class QwenDataModule(L.LightningDataModule):
 
     def _load_processor(self):
         if self.processor is None:
-            kwargs = {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v}
+            kwargs = {
+                k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v
+            }
             self.processor = AutoProcessor.from_pretrained(self.processor_path, **kwargs)
         return self.processor
 
-    def _validation_needed(self) -> bool:
-        return self.trainer is None or self.trainer.limit_val_batches != 0 or not self.trainer.training
+    def _validation_needed(self, stage: str) -> bool:
+        """Validation rows are read for ``validate``, and for ``fit`` only when the trainer will validate."""
+        if stage == "validate":
+            return True
+        return stage == "fit" and self.trainer is not None and self.trainer.limit_val_batches != 0
 
     def setup(self, stage: str) -> None:
         self._load_processor()
@@ -204,9 +212,11 @@ class QwenDataModule(L.LightningDataModule):
             if not self.train_jsonl:
                 raise ConfigError("data.train_jsonl: required for fit")
             self.train_rows = read_rows(self.train_jsonl, self.dataset_configs)
-        if self.val_rows is None and self._validation_needed():
+        if self.val_rows is None and self._validation_needed(stage):
             if not self.val_jsonl:
-                raise ConfigError("data.val_jsonl: required when evaluating (or set training.skip_evaluation: true)")
+                raise ConfigError(
+                    "data.val_jsonl: required when evaluating (or set training.skip_evaluation: true)"
+                )
             self.val_rows = read_rows(self.val_jsonl, self.dataset_configs)
 
     def collator(self) -> Collator:

@@ -15,7 +15,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from qwen_cls.checkpoint import HF_DIR, INFO_FILE
+from qwen_cls.checkpoint import HF_DIR, INFO_FILE, list_checkpoints
 from qwen_cls.config import DatasetConfig
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
@@ -23,6 +23,21 @@ from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 
 DATA_KEYS = ("batch_size", "eval_batch_size", "num_workers", "min_pixels", "max_pixels", "prompt_template")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the newest complete one when given a run's output_dir."""
+    path = Path(path)
+    if (path / HF_DIR).is_dir():
+        return path
+    if path.is_dir():
+        checkpoints = list_checkpoints(path)
+        if checkpoints:
+            print(f"[qwen-cls] evaluating the newest checkpoint of {path}: {checkpoints[-1].name}")
+            return checkpoints[-1]
+    raise ConfigError(
+        f"--checkpoint_path: {path} is neither a checkpoint folder (with {HF_DIR}/) nor a run folder"
+    )
 
 
 def _load_config(checkpoint: Path, config_path: str | None) -> dict[str, Any]:
@@ -48,14 +63,14 @@ def build_eval_objects(
     batch_size: int | None = None,
 ) -> tuple[QwenClassifier, QwenDataModule]:
     """The module and data module that evaluate ``checkpoint_path`` on ``eval_data``, as training built them."""
-    checkpoint = Path(checkpoint_path)
+    checkpoint = resolve_checkpoint(checkpoint_path)
     hf_dir = checkpoint / HF_DIR
-    if not hf_dir.is_dir():
-        raise ConfigError(f"--checkpoint_path: {checkpoint} has no {HF_DIR}/ folder")
     cfg = _load_config(checkpoint, config_path)
     model_cfg, data_cfg = _section(cfg, "model"), _section(cfg, "data")
     try:
-        datasets = {k: DatasetConfig(**v) for k, v in _section(cfg, "datasets").get("dataset_configs", {}).items()}
+        datasets = {
+            k: DatasetConfig(**v) for k, v in _section(cfg, "datasets").get("dataset_configs", {}).items()
+        }
         loss = LossConfig(**_section(cfg, "loss"))
     except TypeError as e:
         raise ConfigError(f"config: {e}") from None
@@ -71,7 +86,9 @@ def build_eval_objects(
     data_kwargs = {k: data_cfg[k] for k in DATA_KEYS if data_cfg.get(k) is not None}
     if batch_size:
         data_kwargs["eval_batch_size"] = batch_size
-    datamodule = QwenDataModule(val_jsonl=eval_data, processor_path=str(hf_dir), dataset_configs=datasets, **data_kwargs)
+    datamodule = QwenDataModule(
+        val_jsonl=eval_data, processor_path=str(hf_dir), dataset_configs=datasets, **data_kwargs
+    )
     datamodule.full_eval = True
     return module, datamodule
 
@@ -86,18 +103,20 @@ def evaluate(
     """Evaluate one checkpoint and print a table.
 
     Args:
-        checkpoint_path: a ``checkpoint-<step>`` folder (its ``hf_model/`` is evaluated).
+        checkpoint_path: a ``checkpoint-<step>`` folder (its ``hf_model/`` is evaluated), or a run's output_dir
+            (its newest complete checkpoint).
         eval_data: JSONL file of image–label rows.
         config_path: the training YAML; default: the config stored in the checkpoint's training_info.json.
         batch_size: evaluation batch size (default: the config's).
         output: also write the metrics to this JSON file.
     """
-    module, datamodule = build_eval_objects(checkpoint_path, eval_data, config_path, batch_size)
+    checkpoint = resolve_checkpoint(checkpoint_path)
+    module, datamodule = build_eval_objects(checkpoint, eval_data, config_path, batch_size)
     trainer = L.Trainer(
         accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
     )
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {"checkpoint": str(checkpoint_path), "eval_data": str(eval_data), **module.last_eval_metrics}
+    metrics = {"checkpoint": str(checkpoint), "eval_data": str(eval_data), **module.last_eval_metrics}
     _print_table(metrics, module.dataset_names)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,9 @@ class ClassificationMetrics(Metric):
         for name in ("correct_top1", "correct_topk", "loss_sum", "count"):
             self.add_state(name, default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, dataset_idx: torch.Tensor, losses: torch.Tensor):
+    def update(
+        self, logits: torch.Tensor, labels: torch.Tensor, dataset_idx: torch.Tensor, losses: torch.Tensor
+    ):
         k = min(self.top_k, logits.shape[-1])
         topk = logits.topk(k, dim=-1).indices
         hit1 = (topk[:, 0] == labels).double()

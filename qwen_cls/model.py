@@ -100,7 +100,9 @@ def load_classifier(
     path = Path(pretrained_name)
     model_type = _read_model_type(path)
     if model_type == QwenVLClassifierConfig.model_type:
-        model = QwenVLForImageClassification.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        model = QwenVLForImageClassification.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
         if model.config.num_labels != num_labels:
             raise ConfigError(
                 f"model.num_labels: {num_labels}, but the classifier in {path} has {model.config.num_labels} labels"
@@ -120,11 +122,18 @@ def load_classifier(
         hf_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise ConfigError(f"model.pretrained_name: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}")
-    labels = {"id2label": {i: str(i) for i in range(num_labels)}, "label2id": {str(i): i for i in range(num_labels)}}
+        raise ConfigError(
+            f"model.pretrained_name: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}"
+        )
+    labels = {
+        "id2label": {i: str(i) for i in range(num_labels)},
+        "label2id": {str(i): i for i in range(num_labels)},
+    }
     skip = {"model_type", "architectures", "num_labels", *labels}
     config = QwenVLClassifierConfig(
-        **{k: v for k, v in backbone.config.to_dict().items() if k not in skip}, num_labels=num_labels, **labels
+        **{k: v for k, v in backbone.config.to_dict().items() if k not in skip},
+        num_labels=num_labels,
+        **labels,
     )
     model = QwenVLForImageClassification(config, backbone=backbone)
     model.score.to(dtype)
@@ -171,7 +180,9 @@ class QwenClassifier(L.LightningModule):
         self.loss_config = loss or LossConfig()
         validate_loss_config(self.loss_config)
         if torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.torch_dtype: {torch_dtype!r}; choose auto, float32, bfloat16 or float16")
+            raise ConfigError(
+                f"model.torch_dtype: {torch_dtype!r}; choose auto, float32, bfloat16 or float16"
+            )
         self.dataset_configs = dict(dataset_configs or {})
         for name, ds in self.dataset_configs.items():
             if ds.num_classes > num_labels:
@@ -193,7 +204,7 @@ class QwenClassifier(L.LightningModule):
         hp = self.hparams
         self.net = load_classifier(
             hp.pretrained_name, hp.num_labels, _dtype_for(hp.torch_dtype, precision), hp.attn_implementation
-        )
+        ).train()  # from_pretrained returns eval mode; Lightning switches to eval for validation itself
         if hp.gradient_checkpointing:
             self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

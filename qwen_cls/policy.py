@@ -124,6 +124,8 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
     if _get(cfg, "best_model_tracking.enabled"):
         checkpoint["monitor"] = f"eval/{_get(cfg, 'best_model_tracking.metric')}"
         checkpoint["mode"] = _get(cfg, "best_model_tracking.mode")
-        keep_best_only = _get(cfg, "best_model_tracking.save_best_only") or not training.get("save_all_checkpoints")
+        keep_best_only = _get(cfg, "best_model_tracking.save_best_only") or not training.get(
+            "save_all_checkpoints"
+        )
         checkpoint["save_top_k"] = 1 if keep_best_only else -1
     return Resolution(cfg, trainer, checkpoint, overrides)

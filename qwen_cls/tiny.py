@@ -92,7 +92,9 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 56) ->
     )
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2) -> Qwen2_5_VLConfig:
+def tiny_config(
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2
+) -> Qwen2_5_VLConfig:
     ids = tokenizer.convert_tokens_to_ids
     return Qwen2_5_VLConfig(
         text_config={

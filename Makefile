@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+QWEN_CLS := $(VENV)/bin/qwen-cls
+STAMP := $(VENV)/.installed
+# Installed first, and only when no torch is importable, so the project's ranges are already met and pip
+# never pulls a multi-GB CUDA wheel by accident (see ../shared/ENV.md). A GPU machine keeps its own build.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEMO := outputs
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev,deepspeed]'
+	touch $@
+
+demo: setup
+	$(QWEN_CLS) make-tiny $(DEMO)/tiny-qwen2.5-vl
+	$(QWEN_CLS) demo-data $(DEMO)/mnist
+	$(QWEN_CLS) fit --config configs/demo.yaml --training.overwrite_output_dir true
+	$(QWEN_CLS) evaluate --checkpoint_path $(DEMO)/demo_run --eval_data $(DEMO)/mnist/val.jsonl \
+		--output $(DEMO)/demo_run/eval_last.json
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check qwen_cls tests bench
+	$(VENV)/bin/ruff format --check qwen_cls tests bench
+
+bench: setup
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf outputs .pytest_cache

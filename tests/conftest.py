@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny Qwen2.5-VL and the MNIST demo data, built once per test session."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwen_cls.data import export_demo_data
+from qwen_cls.tiny import make_tiny
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    return export_demo_data(tmp_path_factory.mktemp("mnist"))
+
+
+def base_config(tiny_model: Path, demo_data: Path, output_dir: Path) -> dict:
+    """A small no-evaluation run on the demo data, as a user would write it."""
+    return {
+        "model": {"pretrained_name": str(tiny_model), "num_labels": 10},
+        "loss": {"type": "cross_entropy"},
+        "datasets": {"dataset_configs": {"mnist": {"num_classes": 10, "description": "handwritten digits"}}},
+        "data": {
+            "train_jsonl": str(demo_data / "train.jsonl"),
+            "val_jsonl": str(demo_data / "val.jsonl"),
+            "batch_size": 8,
+            "num_workers": 0,
+        },
+        "training": {
+            "epochs": 1,
+            "max_steps": 12,
+            "lr": 2e-3,
+            "output_dir": str(output_dir),
+            "logging_steps": 2,
+            "save_steps": 5,
+            "eval_steps": 3,
+            "skip_evaluation": True,
+        },
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+    }
+
+
+def write_config(path: Path, config: dict, **updates: dict) -> Path:
+    """Write ``config`` with ``updates`` (section -> keys) merged in, as YAML."""
+    config = copy.deepcopy(config)
+    for section, values in updates.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -1,0 +1,113 @@
+"""The `qwen-cls` command as a user runs it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qwen_cls.cli import QwenCLI
+from qwen_cls.data import QwenDataModule
+from qwen_cls.model import QwenClassifier
+from tests.conftest import REPO, base_config, write_config
+
+
+def qwen_cls(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_cls", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_lists_every_command():
+    out = qwen_cls("--help")
+    assert out.returncode == 0
+    for command in ("fit", "validate", "evaluate", "make-tiny", "demo-data"):
+        assert f"  {command}" in out.stdout
+
+
+def test_reference_configs_parse():
+    out = qwen_cls("fit", "--config", "configs/food101_no_eval_save_all.yaml", "--print_config")
+    assert out.returncode == 0, out.stderr
+    assert "skip_evaluation: true" in out.stdout and "num_labels: 101" in out.stdout
+    assert "project: qwen_classify_no_eval" in out.stdout
+
+
+def test_demo_config_instantiates(tiny_model, demo_data, tmp_path):
+    cli = QwenCLI(
+        QwenClassifier,
+        QwenDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"--model.pretrained_name={tiny_model}",
+            f"--data.train_jsonl={demo_data / 'train.jsonl'}",
+            f"--training.output_dir={tmp_path}",
+        ],
+    )
+    assert cli.model.hparams.num_labels == 10 and cli.model.hparams.lr == pytest.approx(2e-3)
+    assert cli.datamodule.batch_size == 32 and cli.datamodule.processor_path == str(tiny_model)
+    assert cli.trainer.limit_val_batches == 0 and cli.trainer.num_sanity_val_steps == 0
+    assert cli.trainer.max_epochs == 4 and cli.trainer.log_every_n_steps == 10
+
+
+def run_fit(tmp_path, config: dict, *extra: str) -> subprocess.CompletedProcess:
+    path = write_config(tmp_path / "config.yaml", config)
+    return qwen_cls("fit", "--config", str(path), *extra)
+
+
+def assert_clean_failure(out: subprocess.CompletedProcess, *needles: str) -> str:
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def test_bad_row_stops_before_training_with_file_and_line(tiny_model, demo_data, tmp_path):
+    rows = []
+    for line in (demo_data / "train.jsonl").read_text().splitlines()[:20]:
+        row = json.loads(line)
+        rows.append(json.dumps({**row, "image_path": str(demo_data / row["image_path"])}))
+    rows[6] = json.dumps(
+        {"image_path": str(demo_data / "images" / "00000.png"), "label": 12, "dataset_name": "mnist"}
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    config = base_config(tiny_model, demo_data, tmp_path / "run")
+    config["data"]["train_jsonl"] = str(bad)
+    out = run_fit(tmp_path, config)
+    assert_clean_failure(out, f"{bad}:7:", "label 12 out of range")
+    assert not list((tmp_path / "run").glob("checkpoint-*")) if (tmp_path / "run").exists() else True
+
+
+@pytest.mark.parametrize(
+    "extra,needles",
+    [
+        (("--training.learning_rate", "1e-4"), ("learning_rate",)),
+        (("--loss.type", "focal_typo"), ("loss.type", "focal_typo")),
+    ],
+)
+def test_config_errors_name_the_key(tiny_model, demo_data, tmp_path, extra, needles):
+    out = run_fit(tmp_path, base_config(tiny_model, demo_data, tmp_path / "run"), *extra)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert all(n in out.stderr for n in needles), out.stderr[-1500:]
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_unknown_yaml_key_is_rejected(tiny_model, demo_data, tmp_path):
+    config = base_config(tiny_model, demo_data, tmp_path / "run")
+    config["training"]["save_every"] = 5
+    out = run_fit(tmp_path, config)
+    assert out.returncode == 2 and "save_every" in out.stderr
+
+
+def test_evaluate_takes_the_seeds_flags_and_reports_missing_checkpoints(tmp_path, demo_data):
+    out = qwen_cls(
+        "evaluate", "--checkpoint_path", str(tmp_path), "--eval_data", str(demo_data / "val.jsonl")
+    )
+    assert_clean_failure(out, "--checkpoint_path", "neither a checkpoint folder")

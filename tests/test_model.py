@@ -1,0 +1,122 @@
+"""The classifier: pooling under both paddings, loading paths, losses, the tiny model's round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModelForImageClassification, AutoProcessor
+
+from qwen_cls.data import chat_prompt
+from qwen_cls.errors import ConfigError
+from qwen_cls.losses import LossConfig, classification_loss, validate_loss_config
+from qwen_cls.model import QwenClassifier, QwenVLForImageClassification, load_classifier, pool_last_token
+
+
+def test_pool_last_token_picks_the_last_attended_position():
+    hidden = torch.arange(2 * 5 * 1, dtype=torch.float32).view(2, 5, 1)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert pool_last_token(hidden, right).flatten().tolist() == [2.0, 9.0]
+    assert pool_last_token(hidden, left).flatten().tolist() == [4.0, 9.0]
+
+
+def _batch(processor, padding_side: str):
+    processor.tokenizer.padding_side = padding_side
+    short = chat_prompt(processor, "Which {dataset} class is this image?", "mnist", "")
+    long = chat_prompt(
+        processor, "What is shown in this image? Classify it: {description}.", "mnist", "digits"
+    )
+    images = [Image.new("RGB", (28, 28), (30, 60, 90)), Image.new("RGB", (28, 28), (200, 10, 10))]
+    return processor(text=[short, long], images=images, padding=True, return_tensors="pt")
+
+
+def test_logits_equal_under_left_and_right_padding(tiny_model):
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    model = load_classifier(str(tiny_model), num_labels=10).eval()
+    right, left = _batch(processor, "right"), _batch(processor, "left")
+    assert (right["attention_mask"][0] == 0).any(), (
+        "the short prompt must be padded for this test to mean anything"
+    )
+    assert right["attention_mask"][0, -1] == 0 and left["attention_mask"][0, 0] == 0
+    with torch.no_grad():
+        logits_right = model(**right).logits
+        logits_left = model(**left).logits
+    torch.testing.assert_close(logits_right, logits_left, atol=1e-5, rtol=1e-4)
+    # and the pooled row really depends on its own sample (not a padding position)
+    assert not torch.allclose(logits_right[0], logits_right[1])
+
+
+def test_backbone_is_loaded_without_lm_head_and_round_trips(tiny_model, tmp_path):
+    model = load_classifier(str(tiny_model), num_labels=7)
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("lm_head" in n for n in names)
+    assert {"score.weight", "score.bias"} <= names
+    model.save_pretrained(tmp_path / "hf")
+    again = AutoModelForImageClassification.from_pretrained(tmp_path / "hf")
+    assert isinstance(again, QwenVLForImageClassification)
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    assert again.config.id2label[3] == "3"
+
+
+def test_loading_a_saved_classifier_checks_num_labels(tiny_model, tmp_path):
+    load_classifier(str(tiny_model), num_labels=7).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConfigError, match="model.num_labels"):
+        load_classifier(str(tmp_path / "hf"), num_labels=10)
+
+
+def test_a_folder_that_is_not_qwen2_5_vl_is_a_config_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ConfigError, match="expected a Qwen2.5-VL folder"):
+        load_classifier(str(tmp_path), 10)
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_classifier(str(tmp_path / "nowhere"), 10)
+
+
+def test_num_labels_must_cover_every_dataset():
+    from qwen_cls.config import DatasetConfig
+
+    with pytest.raises(ConfigError, match="datasets.dataset_configs.food2k.num_classes"):
+        QwenClassifier("x", num_labels=101, dataset_configs={"food2k": DatasetConfig(num_classes=2000)})
+
+
+def test_label_smoothing_and_temperature_match_hand_computed_values():
+    logits = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
+    label = torch.tensor([0])
+    t, eps = 2.0, 0.3
+    z = [2.0 / t, 0.0, -1.0 / t]
+    log_z = math.log(sum(math.exp(v) for v in z))
+    log_p = [v - log_z for v in z]
+    expected = -((1 - eps) * log_p[0] + eps * sum(log_p) / 3)
+    loss = classification_loss(logits, label, LossConfig("label_smoothing", smoothing=eps, temperature=t))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    plain = classification_loss(logits.detach().half(), label, LossConfig("cross_entropy", temperature=1.0))
+    assert plain.dtype == torch.float32  # computed in fp32 whatever the model dtype
+    assert plain.item() == pytest.approx(F.cross_entropy(logits.detach(), label).item(), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "cfg,key",
+    [
+        (LossConfig("focal_typo"), "loss.type"),
+        (LossConfig("label_smoothing", smoothing=1.0), "loss.smoothing"),
+        (LossConfig("cross_entropy", temperature=0.0), "loss.temperature"),
+    ],
+)
+def test_bad_loss_config_names_the_key(cfg, key):
+    with pytest.raises(ConfigError, match=key):
+        validate_loss_config(cfg)
+
+
+def test_tiny_processor_reloads_identically(tiny_model):
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    again = AutoProcessor.from_pretrained(tiny_model)
+    a, b = _batch(processor, "right"), _batch(again, "right")
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert a["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]  # 56x56 -> 4x4 patches -> 4 visual tokens

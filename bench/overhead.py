@@ -1,0 +1,137 @@
+"""Side-by-side timings on one machine, in one run (`make bench`). Prints ratios; asserts nothing.
+
+1. framework overhead: `qwen-cls fit` (no-evaluation mode) vs a bare PyTorch loop, training steps/s;
+2. skip-evaluation speed-up: no-evaluation vs standard mode (full validation every `save_steps`),
+   same steps and checkpoints, wall time of the fit;
+3. cost of keeping every checkpoint: save every `save_steps` vs only the final checkpoint.
+
+Uses the tiny Qwen2.5-VL and the MNIST demo data (built under outputs/ if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from bare_loop import bare_loop
+from lightning.pytorch import Callback
+
+from qwen_cls.cli import QwenCLI
+from qwen_cls.data import QwenDataModule, export_demo_data
+from qwen_cls.model import QwenClassifier
+from qwen_cls.tiny import make_tiny
+
+
+class StepTimer(Callback):
+    """Training-step rate between the end of step 1 and the last step (excludes start-up)."""
+
+    def __init__(self):
+        self.first = self.last = None
+        self.steps = 0
+        self.fit_seconds = 0.0
+
+    def on_fit_start(self, trainer, pl_module):
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module):
+        self.fit_seconds = time.perf_counter() - self._fit_start
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        self.steps += 1
+        if self.steps == 1:
+            self.first = now
+        self.last = now
+
+    @property
+    def steps_per_second(self) -> float:
+        return (self.steps - 1) / (self.last - self.first)
+
+
+def run_fit(config: dict, workdir: Path, name: str) -> StepTimer:
+    path = workdir / f"{name}.yaml"
+    config = {**config, "training": {**config["training"], "output_dir": str(workdir / name)}}
+    path.write_text(yaml.safe_dump(config))
+    timer = StepTimer()
+    QwenCLI(QwenClassifier, QwenDataModule, args=["fit", "--config", str(path)], trainer_defaults={"callbacks": [timer]})
+    return timer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--save_steps", type=int, default=50)
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--out", default="bench/results/overhead.json")
+    args = ap.parse_args()
+    model = Path("outputs/tiny-qwen2.5-vl")
+    data = Path("outputs/mnist")
+    if not (model / "config.json").exists():
+        make_tiny(model)
+    if not (data / "val.jsonl").exists():
+        export_demo_data(data)
+
+    config = {
+        "model": {"pretrained_name": str(model), "num_labels": 10},
+        "datasets": {"dataset_configs": {"mnist": {"num_classes": 10}}},
+        "data": {
+            "train_jsonl": str(data / "train.jsonl"),
+            "val_jsonl": str(data / "val.jsonl"),
+            "batch_size": args.batch_size,
+            "num_workers": 1,
+        },
+        "training": {
+            "max_steps": args.steps,
+            "epochs": 100,
+            "lr": 2e-3,
+            "logging_steps": 10,
+            "save_steps": args.save_steps,
+            "eval_steps": args.save_steps,
+            "skip_evaluation": True,
+        },
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+    }
+    standard = {
+        **config,
+        "training": {**config["training"], "skip_evaluation": False, "save_all_checkpoints": True},
+        "evaluation": {"partial_eval_during_training": True, "full_eval_at_end": False},
+        "best_model_tracking": {"enabled": False},
+        "trainer": {**config["trainer"], "num_sanity_val_steps": 0},
+    }
+    no_saving = {**config, "training": {**config["training"], "save_steps": args.steps * 10}}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bare = bare_loop(str(model), str(data / "train.jsonl"), args.steps, args.batch_size, 1, 2e-3)
+        no_eval = run_fit(config, work, "no_eval")
+        std = run_fit(standard, work, "standard")
+        final_only = run_fit(no_saving, work, "final_only")
+
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "bare_loop_steps_per_s": round(bare["steps_per_second"], 3),
+        "qwen_cls_steps_per_s": round(no_eval.steps_per_second, 3),
+        "framework_ratio": round(no_eval.steps_per_second / bare["steps_per_second"], 3),
+        "no_eval_fit_s": round(no_eval.fit_seconds, 2),
+        "standard_fit_s": round(std.fit_seconds, 2),
+        "skip_eval_time_ratio": round(no_eval.fit_seconds / std.fit_seconds, 3),
+        "final_only_fit_s": round(final_only.fit_seconds, 2),
+        "keep_every_checkpoint_ratio": round(no_eval.fit_seconds / final_only.fit_seconds, 3),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| measurement | value |\n| --- | --- |")
+    for key, value in results.items():
+        print(f"| {key} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

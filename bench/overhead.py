@@ -59,7 +59,12 @@ def run_fit(config: dict, workdir: Path, name: str) -> StepTimer:
     config = {**config, "training": {**config["training"], "output_dir": str(workdir / name)}}
     path.write_text(yaml.safe_dump(config))
     timer = StepTimer()
-    QwenCLI(QwenClassifier, QwenDataModule, args=["fit", "--config", str(path)], trainer_defaults={"callbacks": [timer]})
+    QwenCLI(
+        QwenClassifier,
+        QwenDataModule,
+        args=["fit", "--config", str(path)],
+        trainer_defaults={"callbacks": [timer]},
+    )
     return timer
 
 

@@ -10,6 +10,7 @@ decides what the run really does, and the keys it overrode are printed.
 
 from __future__ import annotations
 
+import netrc
 import os
 import shutil
 import sys
@@ -63,7 +64,18 @@ LINKS = [
     ("training.logging_steps", "trainer.log_every_n_steps", None),
     ("training.max_grad_norm", "trainer.gradient_clip_val", lambda v: v or None),
     ("training.output_dir", "trainer.default_root_dir", None),
+    ("wandb.log_dataset_metrics", "model.log_dataset_metrics", None),
 ]
+
+
+def _wandb_key_available() -> bool:
+    """A key in the environment or stored by ``wandb login`` (netrc); the key itself is never read here."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
 
 
 @rank_zero_only
@@ -122,12 +134,15 @@ class QwenCLI(LightningCLI):
 
     @staticmethod
     def _loggers(cfg, output_dir: str) -> list:
-        loggers = [CSVLogger(save_dir=output_dir, name="", version="")]
+        # each (re)start gets its own logs/version_N/, so resuming never overwrites an earlier metrics.csv
+        loggers = [CSVLogger(save_dir=output_dir, name="logs")]
         wandb = cfg.wandb
         if wandb.enabled:
-            offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
+            offline = os.environ.get("WANDB_MODE") == "offline" or not _wandb_key_available()
             if offline:
-                say("W&B: no WANDB_API_KEY, logging offline (run `wandb sync` later)")
+                say(
+                    "W&B: no API key (WANDB_API_KEY or `wandb login`), logging offline; `wandb sync` uploads later"
+                )
             loggers.append(
                 WandbLogger(
                     project=wandb.project,

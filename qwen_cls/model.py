@@ -160,6 +160,8 @@ class QwenClassifier(L.LightningModule):
         weight_decay: linked from ``training.weight_decay``.
         warmup_steps: linked from ``training.warmup_steps``.
         gradient_checkpointing: linked from ``training.gradient_checkpointing``.
+        log_dataset_metrics: linked from ``wandb.log_dataset_metrics``: also log training accuracy and loss
+            per dataset (``train/<dataset>_accuracy``, ``train/<dataset>_loss``).
     """
 
     def __init__(
@@ -174,6 +176,7 @@ class QwenClassifier(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: float = 0,
         gradient_checkpointing: bool = False,
+        log_dataset_metrics: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -212,13 +215,26 @@ class QwenClassifier(L.LightningModule):
         return self.net(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = classification_loss(self(batch), batch["labels"], self.loss_config)
+        logits = self(batch)
+        loss = classification_loss(logits, batch["labels"], self.loss_config)
         batch_size = batch["labels"].shape[0]
+        if self.hparams.log_dataset_metrics:
+            self._log_dataset_metrics(logits.detach(), batch)
         self.samples_seen += batch_size * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         self.log("train/epoch", float(self.current_epoch), on_step=True)
         return loss
+
+    def _log_dataset_metrics(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        losses = classification_loss(logits, batch["labels"], self.loss_config, reduction="none")
+        hits = (logits.argmax(-1) == batch["labels"]).float()
+        for idx, name in enumerate(self.dataset_names):
+            rows = batch["dataset_idx"] == idx
+            if rows.any():
+                n = int(rows.sum())
+                self.log(f"train/{name}_accuracy", hits[rows].mean(), on_step=True, batch_size=n)
+                self.log(f"train/{name}_loss", losses[rows].mean(), on_step=True, batch_size=n)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global gradient norm before clipping, on logging steps only (it costs a pass over grads)."""

@@ -61,3 +61,9 @@ def write_config(path: Path, config: dict, **updates: dict) -> Path:
         config.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def run_log(run: Path, name: str = "metrics.csv") -> Path:
+    """The newest ``logs/version_N/<name>`` of a run (each start or resume writes its own version)."""
+    versions = sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return versions[-1] / name

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from qwen_cls.checkpoint import list_checkpoints
 from qwen_cls.cli import run_lightning_cli
 from qwen_cls.evaluate import evaluate
 from qwen_cls.model import MODEL_INPUTS, QwenVLForImageClassification
-from tests.conftest import base_config, write_config
+from tests.conftest import base_config, run_log, write_config
 
 EVERYTHING_ON = {
     "evaluation": {
@@ -71,7 +73,7 @@ def test_no_validation_ran_and_overrides_were_reported(no_eval_run, capsys):
     assert cli.trainer.num_sanity_val_steps == 0
     assert cli.datamodule.val_rows is None  # the (missing) validation file was never read
     assert cli.model.last_eval_metrics == {}
-    with (run / "metrics.csv").open() as fh:
+    with run_log(run).open() as fh:
         columns = next(csv.reader(fh))
     assert "train/loss" in columns and "train/lr" in columns
     assert not [c for c in columns if c.startswith("eval/")]
@@ -165,10 +167,44 @@ def test_standard_mode_final_evaluation_matches_post_hoc_evaluate(tiny_model, de
     cli = run_lightning_cli(["fit", "--config", str(path)])
     at_end = cli.model.last_eval_metrics
     assert at_end["overall_samples"] == 1000  # full evaluation at the end
-    with (tmp_path / "run" / "metrics.csv").open() as fh:
+    with run_log(tmp_path / "run").open() as fh:
         rows = list(csv.DictReader(fh))
     partial = [r for r in rows if r.get("eval/overall_samples")]
     assert [float(r["eval/overall_samples"]) for r in partial][:2] == [100.0, 100.0]  # the eval_ratio subset
     post_hoc = evaluate(str(tmp_path / "run" / "checkpoint-6"), str(demo_data / "val.jsonl"))
     for key in ("overall_accuracy", "overall_top5_accuracy", "overall_loss"):
         assert post_hoc[key] == pytest.approx(at_end[key], abs=1e-4)
+
+
+def test_resume_from_a_checkpoint_folder_continues_the_numbering(no_eval_run, tmp_path):
+    _, run = no_eval_run
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed)
+    for step in (10, 12):
+        shutil.rmtree(resumed / f"checkpoint-{step}")
+    config = yaml.safe_load(run_log(run, "config.yaml").read_text())
+    config["training"]["output_dir"] = str(resumed)
+    config.pop("ckpt_path", None)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = run_lightning_cli(["fit", "--config", str(path), "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 12
+    assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-5", "checkpoint-10", "checkpoint-12"]
+    info = json.loads((resumed / "checkpoint-12" / "training_info.json").read_text())
+    assert info["step"] == 12 and info["samples_seen"] == 96  # counted across the resume
+    before = json.loads((resumed / "checkpoint-5" / "training_info.json").read_text())["elapsed_seconds"]
+    assert info["elapsed_seconds"] > before  # wall time carries over too
+    assert run_log(resumed).parent.name == "version_1"  # the resumed part logs beside, not over, the first
+    assert (resumed / "logs" / "version_0" / "metrics.csv").read_text() == run_log(run).read_text()
+
+
+def test_per_dataset_training_metrics_and_offline_wandb(tiny_model, demo_data, tmp_path, capsys):
+    config = base_config(tiny_model, demo_data, tmp_path / "run")
+    config["wandb"] = {"enabled": True, "project": "qwen-cls-tests", "log_dataset_metrics": True}
+    path = write_config(tmp_path / "c.yaml", config, training={"max_steps": 4, "save_steps": 4})
+    run_lightning_cli(["fit", "--config", str(path)])
+    with run_log(tmp_path / "run").open() as fh:
+        columns = next(csv.reader(fh))
+    assert {"train/mnist_accuracy", "train/mnist_loss"} <= set(columns)
+    assert "logging offline" in capsys.readouterr().out
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

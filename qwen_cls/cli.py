@@ -112,6 +112,8 @@ class QwenCLI(LightningCLI):
         if self.subcommand != "validate":  # fit, or objects built for training (run=False)
             for key, value in self.resolution.trainer.items():
                 cfg[f"trainer.{key}"] = value
+        elif not cfg.trainer.limit_val_batches:  # a config saved by a no-evaluation run says 0
+            cfg.trainer.limit_val_batches = None
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -154,22 +156,27 @@ class QwenCLI(LightningCLI):
             )
         return loggers
 
-    def before_fit(self) -> None:
-        cfg = self.config.fit
-        output_dir = Path(cfg.training.output_dir)
-        existing = list_checkpoints(output_dir) if output_dir.is_dir() else []
-        ckpt_path = cfg.get("ckpt_path")
-        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+    def _state_path(self, ckpt_path: str | None, existing: list[Path], output_dir: Path) -> str | None:
+        """``last`` or a ``checkpoint-<step>`` folder -> what the strategy restores from."""
         if ckpt_path == "last":
             if not existing:
                 raise ConfigError(f"ckpt_path: 'last' given, but {output_dir} holds no complete checkpoint")
             ckpt_path = str(existing[-1])
         if ckpt_path and Path(ckpt_path).is_dir() and Path(ckpt_path).name.startswith("checkpoint-"):
-            ckpt_path = resume_state_path(ckpt_path, deepspeed)
+            ckpt_path = resume_state_path(ckpt_path, isinstance(self.trainer.strategy, DeepSpeedStrategy))
         if ckpt_path and not Path(ckpt_path).exists():
             raise ConfigError(f"ckpt_path: {ckpt_path} does not exist")
+        return ckpt_path
+
+    def _existing(self) -> tuple[Path, list[Path]]:
+        output_dir = Path(self.config[self.subcommand].training.output_dir)
+        return output_dir, list_checkpoints(output_dir) if output_dir.is_dir() else []
+
+    def before_fit(self) -> None:
+        output_dir, existing = self._existing()
+        ckpt_path = self._state_path(self.config.fit.get("ckpt_path"), existing, output_dir)
         if not ckpt_path and existing:
-            if not cfg.training.overwrite_output_dir:
+            if not self.config.fit.training.overwrite_output_dir:
                 raise ConfigError(
                     f"training.output_dir: {output_dir} already holds checkpoints ({existing[-1].name}); resume with "
                     "--ckpt_path last, choose another output_dir, or set training.overwrite_output_dir: true"
@@ -178,11 +185,10 @@ class QwenCLI(LightningCLI):
                 say(f"overwrite_output_dir: removing {len(existing)} old checkpoints from {output_dir}")
                 for path in existing:
                     shutil.rmtree(path)
-        self._resume_from = ckpt_path
+        self._ckpt_path = ckpt_path
 
     def fit(self, model, datamodule=None, **kwargs) -> None:
-        kwargs["ckpt_path"] = self._resume_from
-        self.trainer.fit(model, datamodule=datamodule, **kwargs)
+        self.trainer.fit(model, datamodule=datamodule, **{**kwargs, "ckpt_path": self._ckpt_path})
 
     def after_fit(self) -> None:
         if self.config.fit.evaluation.full_eval_at_end and not self.trainer.interrupted:
@@ -192,6 +198,11 @@ class QwenCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self.datamodule.full_eval = True
+        output_dir, existing = self._existing()
+        self._ckpt_path = self._state_path(self.config.validate.get("ckpt_path"), existing, output_dir)
+
+    def validate(self, model, datamodule=None, **kwargs) -> None:
+        self.trainer.validate(model, datamodule=datamodule, **{**kwargs, "ckpt_path": self._ckpt_path})
 
 
 def run_lightning_cli(args: list[str] | None = None) -> QwenCLI:

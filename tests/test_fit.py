@@ -208,3 +208,20 @@ def test_per_dataset_training_metrics_and_offline_wandb(tiny_model, demo_data, t
     assert {"train/mnist_accuracy", "train/mnist_loss"} <= set(columns)
     assert "logging offline" in capsys.readouterr().out
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_validate_subcommand_restores_a_checkpoint_folder(no_eval_run, demo_data, tmp_path):
+    """`qwen-cls validate --ckpt_path output_dir/checkpoint-12` evaluates those weights on all validation rows."""
+    _, run = no_eval_run
+    config = yaml.safe_load(run_log(run, "config.yaml").read_text())
+    config["data"]["val_jsonl"] = str(demo_data / "val.jsonl")
+    for key in ("ckpt_path", "weights_only"):
+        config.pop(key, None)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = run_lightning_cli(["validate", "--config", str(path), "--ckpt_path", str(run / "checkpoint-12")])
+    post_hoc = evaluate(str(run / "checkpoint-12"), str(demo_data / "val.jsonl"))
+    assert cli.model.last_eval_metrics["overall_samples"] == 1000
+    assert cli.model.last_eval_metrics["overall_accuracy"] == pytest.approx(
+        post_hoc["overall_accuracy"], abs=1e-4
+    )

@@ -120,3 +120,18 @@ def test_tiny_processor_reloads_identically(tiny_model):
     a, b = _batch(processor, "right"), _batch(again, "right")
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert a["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]  # 56x56 -> 4x4 patches -> 4 visual tokens
+
+
+def test_gradient_checkpointing_option_gives_the_same_gradients(tiny_model):
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    batch = _batch(processor, "right")
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same new head both times
+        module = QwenClassifier(str(tiny_model), num_labels=10, gradient_checkpointing=checkpointing)
+        module.configure_model()
+        assert module.net.is_gradient_checkpointing is checkpointing
+        loss = module.net(**batch).logits.square().mean()
+        loss.backward()
+        grads.append(module.net.model.visual.patch_embed.proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

@@ -34,6 +34,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/overhead.py
+	$(PY) bench/eval_all.py
 
 clean:
 	rm -rf outputs .pytest_cache

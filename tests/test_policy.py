@@ -16,7 +16,7 @@ BEST_KEYS = ["enabled", "save_best_only"]
 def make(skip: bool, save_all: bool, value: bool, nested: bool = False, trainer: dict | None = None) -> dict:
     evaluation = {k: value for k in EVAL_KEYS}
     best = {k: value for k in BEST_KEYS} | {"metric": "overall_accuracy", "mode": "max"}
-    training = {"skip_evaluation": skip, "save_all_checkpoints": save_all, "save_steps": 7, "eval_steps": 3}
+    training = {"skip_evaluation": skip, "save_all_checkpoints": save_all, "save_steps": 6, "eval_steps": 3}
     cfg = {"training": training, "trainer": trainer or {}}
     if nested:  # the seed document writes these two sections under training:
         training["evaluation"], training["best_model_tracking"] = evaluation, best
@@ -42,7 +42,7 @@ def test_skip_evaluation_forces_the_six_keys_whatever_the_yaml_says(
         assert value(res.config, key) is forced, key
     assert res.trainer["limit_val_batches"] == 0
     assert res.trainer["num_sanity_val_steps"] == 0
-    assert res.checkpoint == {"monitor": None, "save_top_k": -1, "every_n_train_steps": 7}
+    assert res.checkpoint == {"monitor": None, "save_top_k": -1, "every_n_train_steps": 6}
     # exactly the keys whose value changed are reported, each once
     changed = {k for k, forced in SKIP_EVALUATION_FORCES.items() if k != "training.save_all_checkpoints"}
     changed = changed if value_of_every_eval_key else set()
@@ -73,8 +73,10 @@ def test_standard_mode_keeps_evaluation_settings(save_all, key):
     assert res.trainer["val_check_interval"] == 3
     assert res.trainer["limit_val_batches"] == 1.0
     assert res.checkpoint["monitor"] == "eval/overall_accuracy"
-    # save_all_checkpoints keeps every checkpoint even with save_best_only; otherwise only the best
-    assert res.checkpoint["save_top_k"] == (-1 if save_all else 1)
+    # save_all_checkpoints keeps every checkpoint even with save_best_only; otherwise only the best (+ latest)
+    assert res.checkpoint["save_top_k"] == -1
+    assert res.checkpoint["keep_best_only"] is (not save_all)
+    assert res.checkpoint["mode"] == "max"
     if save_all and key == "best_model_tracking.save_best_only":
         assert value(res.config, key) is False
         assert [o.key for o in res.overrides] == [key]
@@ -122,3 +124,26 @@ def test_non_positive_steps_are_config_errors(key):
     cfg["training"][key] = 0
     with pytest.raises(ConfigError, match=f"training.{key}"):
         resolve(cfg)
+
+
+def test_best_metric_must_be_known_and_listed_in_the_error():
+    cfg = make(False, True, True)
+    cfg["datasets"] = {"dataset_configs": {"food101": {}, "food2k": {}}}
+    cfg["best_model_tracking"]["metric"] = "food2k_accuracy"
+    assert resolve(cfg).checkpoint["monitor"] == "eval/food2k_accuracy"
+    cfg["best_model_tracking"]["metric"] = "accuracy"
+    with pytest.raises(ConfigError, match="best_model_tracking.metric") as err:
+        resolve(cfg)
+    assert "overall_top5_accuracy" in str(err.value) and "food101_loss" in str(err.value)
+    cfg["best_model_tracking"].update(metric="overall_loss", mode="lowest")
+    with pytest.raises(ConfigError, match="best_model_tracking.mode"):
+        resolve(cfg)
+
+
+def test_best_tracking_needs_save_steps_on_evaluation_steps():
+    cfg = make(False, True, True)
+    cfg["training"]["save_steps"] = 7
+    with pytest.raises(ConfigError, match="multiple of training.eval_steps"):
+        resolve(cfg)
+    cfg["best_model_tracking"]["enabled"] = False
+    assert resolve(cfg).checkpoint["every_n_train_steps"] == 7

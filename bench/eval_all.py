@@ -1,0 +1,87 @@
+"""`qwen-cls evaluate-all` over N checkpoints vs N separate `qwen-cls evaluate` processes (`make bench`).
+
+Both are timed as a user runs them (whole commands, start-up included), on the same run folder and data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from qwen_cls.checkpoint import list_checkpoints
+from qwen_cls.data import export_demo_data
+from qwen_cls.tiny import make_tiny
+
+
+def timed(args: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "qwen_cls", *args], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoints", type=int, default=5)
+    ap.add_argument("--out", default="bench/results/eval_all.json")
+    args = ap.parse_args()
+    model, data = Path("outputs/tiny-qwen2.5-vl"), Path("outputs/mnist")
+    if not (model / "config.json").exists():
+        make_tiny(model)
+    if not (data / "val.jsonl").exists():
+        export_demo_data(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        config = {
+            "model": {"pretrained_name": str(model), "num_labels": 10},
+            "datasets": {"dataset_configs": {"mnist": {"num_classes": 10}}},
+            "data": {"train_jsonl": str(data / "train.jsonl"), "batch_size": 32, "num_workers": 1},
+            "training": {
+                "max_steps": 10 * args.checkpoints,
+                "save_steps": 10,
+                "lr": 2e-3,
+                "output_dir": str(run),
+                "skip_evaluation": True,
+            },
+            "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+        }
+        path = Path(tmp) / "c.yaml"
+        path.write_text(yaml.safe_dump(config))
+        timed(["fit", "--config", str(path)])
+        checkpoints = list_checkpoints(run)
+        separate = sum(
+            timed(["evaluate", "--checkpoint_path", str(c), "--eval_data", str(data / "val.jsonl")])
+            for c in checkpoints
+        )
+        together = timed(
+            [
+                "evaluate-all",
+                str(run),
+                "--eval_data",
+                str(data / "val.jsonl"),
+                "--output_dir",
+                str(Path(tmp) / "eval"),
+            ]
+        )
+    results = {
+        "checkpoints": len(checkpoints),
+        "eval_rows": 1000,
+        "separate_evaluate_s": round(separate, 2),
+        "evaluate_all_s": round(together, 2),
+        "ratio": round(together / separate, 3),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| measurement | value |\n| --- | --- |")
+    for key, value in results.items():
+        print(f"| {key} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Standard mode with best-model tracking, and evaluating any or every checkpoint afterwards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from qwen_cls.cli import main, run_lightning_cli
+from qwen_cls.config import DatasetConfig
+from qwen_cls.data import eval_subset, read_rows
+from qwen_cls.evaluate import evaluate, evaluate_all
+from tests.conftest import REPO, base_config, run_log, write_config
+
+
+def partial_evals(run: Path, samples: int = 100) -> dict[int, dict[str, float]]:
+    """The logged evaluations on the ``samples``-row subset, by optimizer step."""
+    with run_log(run).open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("eval/overall_samples")]
+    evals = [
+        (int(r["step"]), {k[5:]: float(v) for k, v in r.items() if k.startswith("eval/") and v}) for r in rows
+    ]
+    return {step: m for step, m in evals if m["overall_samples"] == samples}
+
+
+def standard_config(tiny_model, demo_data, run: Path, **training) -> dict:
+    config = base_config(tiny_model, demo_data, run)
+    config["datasets"]["dataset_configs"]["mnist"]["eval_ratio"] = 0.1
+    config["training"].update(
+        {"skip_evaluation": False, "max_steps": 9, "eval_steps": 3, "save_steps": 3, **training}
+    )
+    config["trainer"]["num_sanity_val_steps"] = 0
+    return config
+
+
+def test_partial_evaluation_runs_at_eval_steps_on_the_fixed_subset(tiny_model, demo_data, tmp_path):
+    run = tmp_path / "run"
+    config = standard_config(tiny_model, demo_data, run, save_all_checkpoints=True)
+    config["evaluation"] = {"partial_eval_during_training": True, "full_eval_at_end": True}
+    config["best_model_tracking"] = {"enabled": True, "metric": "overall_accuracy", "mode": "max"}
+    run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", config))])
+
+    partial = partial_evals(run)
+    assert sorted(partial) == [3, 6, 9]  # exactly every eval_steps, on the 10% subset
+    assert json.loads((run / "eval_final.json").read_text())["overall_samples"] == 1000  # all rows at the end
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+        "checkpoint-9",
+    ]
+
+    # the subset is the seeded one: evaluating checkpoint-3 on exactly those rows reproduces step 3's numbers
+    configs = {"mnist": DatasetConfig(10, eval_ratio=0.1)}
+    subset = eval_subset(read_rows(demo_data / "val.jsonl", configs), configs)
+    subset_file = tmp_path / "subset.jsonl"
+    subset_file.write_text(
+        "".join(json.dumps({"image_path": str(r.image_path), "label": r.label}) + "\n" for r in subset)
+    )
+    post_hoc = evaluate(str(run / "checkpoint-3"), str(subset_file))
+    assert post_hoc["overall_samples"] == 100
+    assert post_hoc["overall_loss"] == pytest.approx(partial[3]["overall_loss"], abs=1e-4)
+    assert post_hoc["overall_accuracy"] == pytest.approx(partial[3]["overall_accuracy"], abs=1e-6)
+    # and each checkpoint records the evaluation of its own step
+    info = json.loads((run / "checkpoint-6" / "training_info.json").read_text())
+    assert info["eval_metrics"]["overall_loss"] == pytest.approx(partial[6]["overall_loss"], abs=1e-6)
+
+
+def test_save_best_only_keeps_best_and_latest_and_final_eval_uses_the_best(tiny_model, demo_data, tmp_path):
+    """Ranking by the *highest* loss makes an early checkpoint the best, so best != last."""
+    run = tmp_path / "run"
+    config = standard_config(tiny_model, demo_data, run, save_all_checkpoints=False, lr=1e-2)
+    config["data"]["batch_size"] = 32  # the validation loss falls clearly over these 9 steps (2.35 -> 2.29)
+    config["evaluation"] = {
+        "partial_eval_during_training": True,
+        "full_eval_at_end": True,
+        "eval_best_model_only": True,
+    }
+    config["best_model_tracking"] = {
+        "enabled": True,
+        "metric": "overall_loss",
+        "mode": "max",
+        "save_best_only": True,
+    }
+    run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", config))])
+
+    partial = partial_evals(run)
+    best_step = max(partial, key=lambda s: partial[s]["overall_loss"])
+    assert best_step != 9, "precondition: the best checkpoint is not the last one"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == sorted(
+        [f"checkpoint-{best_step}", "checkpoint-9"]
+    )
+    best = json.loads((run / "best_checkpoint.json").read_text())
+    assert best["checkpoint"] == f"checkpoint-{best_step}" and best["metric"] == "overall_loss"
+    assert best["value"] == pytest.approx(partial[best_step]["overall_loss"], abs=1e-6)
+
+    final = json.loads((run / "eval_final.json").read_text())
+    assert final["weights"] == f"checkpoint-{best_step}"
+    of_best = evaluate(str(run / f"checkpoint-{best_step}"), str(demo_data / "val.jsonl"))
+    of_last = evaluate(str(run / "checkpoint-9"), str(demo_data / "val.jsonl"))
+    assert final["overall_loss"] == pytest.approx(of_best["overall_loss"], abs=1e-4)
+    assert abs(final["overall_loss"] - of_last["overall_loss"]) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def no_eval_run(tiny_model, demo_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval_all")
+    config = base_config(tiny_model, demo_data, tmp / "run")
+    config["data"]["batch_size"] = 16
+    config["training"].update(max_steps=30, save_steps=10)
+    config["wandb"] = {"enabled": True, "project": "qwen-cls-tests"}
+    run_lightning_cli(["fit", "--config", str(write_config(tmp / "c.yaml", config))])
+    return tmp / "run"
+
+
+def test_evaluate_all_writes_csv_plot_and_names_the_argmax(no_eval_run, demo_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(no_eval_run, run)
+    shutil.copytree(run / "checkpoint-10", run / "checkpoint-99")
+    (run / "checkpoint-99" / "training_info.json").unlink()  # incomplete: never counted
+    shutil.copytree(run / "checkpoint-10", run / ".checkpoint-40.tmp")  # a save that did not finish
+    out = tmp_path / "eval"
+    with pytest.warns(UserWarning) as warned:
+        main(
+            [
+                "evaluate-all",
+                str(run),
+                "--eval_data",
+                str(demo_data / "val.jsonl"),
+                "--output_dir",
+                str(out),
+                "--wandb",
+                "false",
+            ]
+        )
+    messages = " ".join(str(w.message) for w in warned)
+    assert "checkpoint-99" in messages and ".checkpoint-40.tmp" in messages
+
+    with (out / "eval_all.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30]
+    assert {"overall_accuracy", "overall_top5_accuracy", "overall_loss", "mnist_accuracy"} <= set(rows[0])
+    best = json.loads((out / "best_checkpoint.json").read_text())
+    argmax = max(rows, key=lambda r: float(r["overall_accuracy"]))
+    assert best["checkpoint"] == argmax["checkpoint"] and best["value"] == pytest.approx(
+        float(argmax["overall_accuracy"])
+    )
+    with Image.open(out / "eval_all.png") as image:
+        image.verify()
+    with Image.open(out / "eval_all.png") as image:
+        assert image.format == "PNG" and image.size[0] > 600
+    # the same numbers as evaluating that checkpoint alone
+    alone = evaluate(str(run / "checkpoint-20"), str(demo_data / "val.jsonl"))
+    assert float(rows[1]["overall_loss"]) == pytest.approx(alone["overall_loss"], abs=1e-6)
+
+
+def test_evaluate_all_watch_stops_at_the_final_checkpoint_and_logs_to_the_runs_wandb(no_eval_run, demo_data):
+    rows = evaluate_all(
+        str(no_eval_run), eval_data=str(demo_data / "val.jsonl"), watch=True, poll_seconds=0.1
+    )
+    assert [r["step"] for r in rows] == [10, 20, 30]  # returned without a timeout: checkpoint-30 is final
+    info = json.loads((no_eval_run / "checkpoint-30" / "training_info.json").read_text())
+    assert info["final"] is True
+    run_id = info["wandb"]["id"]
+    # the training run and the evaluation share one W&B run id (offline here: two local segments of it)
+    assert len(list((no_eval_run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_multi_dataset_evaluation_reports_each_dataset(no_eval_run, demo_data, tmp_path):
+    lines = (demo_data / "val.jsonl").read_text().splitlines()[:60]
+    rows = []
+    for i, line in enumerate(lines):
+        row = json.loads(line)
+        path = str(demo_data / row["image_path"])
+        if i % 2:
+            rows.append({"image_path": path, "label": row["label"] % 3, "dataset_name": "mod3"})
+        else:
+            rows.append({"image_path": path, "label": row["label"], "dataset_name": "mnist"})
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = yaml.safe_load(run_log(no_eval_run, "config.yaml").read_text())
+    config["datasets"]["dataset_configs"]["mod3"] = {"num_classes": 3, "description": "digit mod 3"}
+    metrics = evaluate(
+        str(no_eval_run / "checkpoint-30"),
+        str(data),
+        config_path=str(write_config(tmp_path / "c.yaml", config)),
+    )
+    assert (
+        metrics["mnist_samples"] == 30 and metrics["mod3_samples"] == 30 and metrics["overall_samples"] == 60
+    )
+    assert metrics["overall_accuracy"] == pytest.approx(
+        (metrics["mnist_accuracy"] + metrics["mod3_accuracy"]) / 2
+    )
+
+
+def test_data_parallel_validation_counts_every_row_once(no_eval_run, demo_data, tmp_path):
+    """101 rows over 2 processes: a padding sampler would report 102."""
+    data = tmp_path / "odd.jsonl"
+    rows = [json.loads(x) for x in (demo_data / "val.jsonl").read_text().splitlines()[:101]]
+    data.write_text(
+        "".join(json.dumps({**r, "image_path": str(demo_data / r["image_path"])}) + "\n" for r in rows)
+    )
+    config = yaml.safe_load(run_log(no_eval_run, "config.yaml").read_text())
+    config["data"]["val_jsonl"] = str(data)
+    config["wandb"]["enabled"] = False
+    for key in ("ckpt_path", "weights_only"):
+        config.pop(key, None)
+    path = write_config(tmp_path / "c.yaml", config)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_cls",
+            "validate",
+            "--config",
+            str(path),
+            "--ckpt_path",
+            str(no_eval_run / "checkpoint-30"),
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = evaluate(str(no_eval_run / "checkpoint-30"), str(data))
+    cells = [line.split("│")[1:3] for line in out.stdout.splitlines() if "│" in line and "eval/" in line]
+    reported = {name.strip(): float(value) for name, value in cells}
+    assert reported["eval/overall_samples"] == 101
+    assert reported["eval/overall_accuracy"] == pytest.approx(single["overall_accuracy"], abs=1e-4)

@@ -238,3 +238,40 @@ def test_data_parallel_validation_counts_every_row_once(no_eval_run, demo_data, 
     reported = {name.strip(): float(value) for name, value in cells}
     assert reported["eval/overall_samples"] == 101
     assert reported["eval/overall_accuracy"] == pytest.approx(single["overall_accuracy"], abs=1e-4)
+
+
+def test_a_checkpoint_without_hf_model_is_evaluated_from_its_training_state(no_eval_run, demo_data, tmp_path):
+    ckpt = tmp_path / "checkpoint-20"
+    shutil.copytree(no_eval_run / "checkpoint-20", ckpt)
+    shutil.rmtree(ckpt / "hf_model")
+    from_state = evaluate(str(ckpt), str(demo_data / "val.jsonl"))
+    from_hf = evaluate(str(no_eval_run / "checkpoint-20"), str(demo_data / "val.jsonl"))
+    for key in ("overall_accuracy", "overall_loss", "overall_samples"):
+        assert from_state[key] == pytest.approx(from_hf[key], abs=1e-6)
+
+
+def test_watch_follows_a_run_while_it_trains(tiny_model, demo_data, tmp_path):
+    """`evaluate-all --watch` started before the first checkpoint exists evaluates each one as it lands."""
+    config = base_config(tiny_model, demo_data, tmp_path / "run")
+    config["data"]["batch_size"] = 16
+    config["training"].update(max_steps=30, save_steps=10)
+    path = write_config(tmp_path / "c.yaml", config)
+    training = subprocess.Popen(
+        [sys.executable, "-m", "qwen_cls", "fit", "--config", str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        rows = evaluate_all(
+            str(tmp_path / "run"),
+            eval_data=str(demo_data / "val.jsonl"),
+            watch=True,
+            poll_seconds=0.5,
+            timeout=600,
+            wandb=False,
+        )
+    finally:
+        assert training.wait(timeout=600) == 0
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    assert (tmp_path / "run" / "eval_all.csv").read_text().count("\n") == 4

@@ -24,6 +24,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from qwen_cls.errors import ConfigError, DiskSpaceError
+
 CHECKPOINT_PREFIX = "checkpoint-"
 INFO_FILE = "training_info.json"
 STATE_DIR = "deepspeed"
@@ -69,6 +71,20 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_bytes(net: torch.nn.Module) -> int:
+    """Estimated size of one checkpoint folder: ``hf_model/`` (weights in their dtype) plus the resumable
+    state (weights, AdamW's two fp32 moments, an fp32 master copy when the weights are not fp32). Under
+    DeepSpeed the state is split into one shard per rank; the total in output_dir is the same."""
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = sum(p.numel() * (8 if p.dtype == torch.float32 else 12) for p in trainable)
+    return 2 * weights + optimizer
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
 def resume_state_path(checkpoint: str | Path, deepspeed: bool) -> str:
     """What ``Trainer.fit(ckpt_path=...)`` needs for a checkpoint folder: DeepSpeed's directory, or the file."""
     state = Path(checkpoint) / STATE_DIR
@@ -91,6 +107,8 @@ class QwenCheckpoint(ModelCheckpoint):
         dirpath: str,
         run_info: dict[str, Any] | None = None,
         keep_best_only: bool = False,
+        keep_last_n: int | None = None,
+        disk_check: str = "error",
         **kwargs: Any,
     ):
         super().__init__(
@@ -103,18 +121,26 @@ class QwenCheckpoint(ModelCheckpoint):
         )
         self.run_info = run_info or {}
         self.keep_best_only = keep_best_only
+        self.keep_last_n = keep_last_n
+        if disk_check not in ("error", "warn", "off"):
+            raise ConfigError(f"training.disk_check: {disk_check!r}; choose error, warn or off")
+        if keep_last_n is not None and keep_last_n < 1:
+            raise ConfigError(f"training.keep_last_n: must be >= 1, got {keep_last_n}")
+        self.disk_check = disk_check
+        self._saved: list[str] = []
         self._elapsed_before = 0.0
         self._started = time.monotonic()
         self._loss_sum = 0.0
         self._loss_count = 0
         self._at_train_end = False
-        self._previous_latest: str | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.disk_check != "off":
+            self._check_disk_space(trainer)
         self._started = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # {} for a skipped step
         if loss is not None:
             self._loss_sum += float(loss.detach())
             self._loss_count += 1
@@ -133,6 +159,11 @@ class QwenCheckpoint(ModelCheckpoint):
 
     def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
         """Silenced: ``qwen-cls fit`` refuses an output_dir with checkpoints unless resuming or overwriting."""
+
+    def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, torch.Tensor]:
+        """Lightning takes the step for the folder name from a logged "step" metric when there is one; the
+        name must be the optimizer step whatever was (or was not) logged."""
+        return {**super()._monitor_candidates(trainer), "step": torch.tensor(trainer.global_step)}
 
     def _get_metric_interpolated_filepath_name(self, monitor_candidates, trainer, del_filepath=None) -> str:
         """One folder per step: a re-run of a step (after a resume) replaces it instead of adding ``-v1``."""
@@ -155,8 +186,7 @@ class QwenCheckpoint(ModelCheckpoint):
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        if self.monitor is not None:
-            self._retain_best_and_latest(trainer, final)
+        self._apply_retention(trainer, final)
         trainer.strategy.barrier("qwen_cls_checkpoint_end")
         self._loss_sum, self._loss_count = 0.0, 0
         self._last_global_step_saved = trainer.global_step
@@ -165,16 +195,22 @@ class QwenCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
 
-    def _retain_best_and_latest(self, trainer: L.Trainer, latest: Path) -> None:
-        """Record the best checkpoint; with ``keep_best_only`` delete every other one but the latest."""
+    def _apply_retention(self, trainer: L.Trainer, latest: Path) -> None:
+        """Keep what the config asks for: the best plus the latest (``keep_best_only``), or the newest
+        ``keep_last_n`` plus the best; record the best in ``best_checkpoint.json``."""
+        self._saved = [p for p in self._saved if p != str(latest)] + [str(latest)]
+        keep = {str(latest), self.best_model_path} if self.monitor else {str(latest)}
         if self.keep_best_only:
-            for path in [p for p in self.best_k_models if p not in (self.best_model_path, str(latest))]:
-                self.best_k_models.pop(path)
-                self._remove_checkpoint(trainer, path)
-            if self._previous_latest and self._previous_latest not in (self.best_model_path, str(latest)):
-                self._remove_checkpoint(trainer, self._previous_latest)
-        self._previous_latest = str(latest)
-        if trainer.is_global_zero and self.best_model_path:
+            doomed = [p for p in self._saved if p not in keep]
+        elif self.keep_last_n:
+            doomed = [p for p in self._saved[: -self.keep_last_n] if p not in keep]
+        else:
+            doomed = []
+        for path in doomed:
+            self._saved.remove(path)
+            self.best_k_models.pop(path, None)
+            self._remove_checkpoint(trainer, path)
+        if trainer.is_global_zero and self.monitor and self.best_model_path:
             best = Path(self.best_model_path)
             record = {
                 "checkpoint": best.name,
@@ -184,6 +220,36 @@ class QwenCheckpoint(ModelCheckpoint):
                 "value": float(self.best_model_score),
             }
             (Path(self.dirpath) / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    def _check_disk_space(self, trainer: L.Trainer) -> None:
+        """Before step 1: the checkpoints this run will keep must fit in the free space at ``dirpath``."""
+        size = checkpoint_bytes(trainer.lightning_module.net)
+        kept = self.checkpoints_to_keep(trainer)
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dirpath).free
+        enough = trainer.strategy.reduce_boolean_decision(kept * size * 1.05 <= free, all=True)
+        if enough:
+            return
+        fits = max(1, int(free // (size * 1.05)) - 1)
+        message = (
+            f"training.disk_check: this run will keep {kept} checkpoints of ~{_gib(size)} each ({_gib(kept * size)}) "
+            f"in {self.dirpath}, but only {_gib(free)} is free; set training.keep_last_n (e.g. {fits}) to keep "
+            "fewer, free some space, or set training.disk_check: warn"
+        )
+        if self.disk_check == "error":
+            raise DiskSpaceError(message)
+        rank_zero_warn(message)
+
+    def checkpoints_to_keep(self, trainer: L.Trainer) -> int:
+        """How many checkpoint folders this run will write from now on and keep at the same time."""
+        total, done = int(trainer.estimated_stepping_batches), trainer.global_step
+        every = self._every_n_train_steps
+        saves = total // every - done // every + (1 if total % every else 0)
+        if self.keep_best_only:
+            return min(saves, 2)
+        if self.keep_last_n:
+            return min(saves, self.keep_last_n + (1 if self.monitor else 0))
+        return saves
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if trainer.is_global_zero and Path(filepath).is_dir():
@@ -202,6 +268,8 @@ class QwenCheckpoint(ModelCheckpoint):
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "samples_seen": module.samples_seen,
+            "skipped_steps": module.skipped_steps,
+            "skipped_images": module.skipped_images,
             "train_loss": train_loss,
             "learning_rate": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
             "elapsed_seconds": round(self.elapsed_seconds(), 3),
@@ -229,8 +297,9 @@ class QwenCheckpoint(ModelCheckpoint):
         return self._elapsed_before + time.monotonic() - self._started
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "elapsed_seconds": self.elapsed_seconds()}
+        return {**super().state_dict(), "elapsed_seconds": self.elapsed_seconds(), "saved": list(self._saved)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._elapsed_before = state_dict.get("elapsed_seconds", 0.0)
+        self._saved = list(state_dict.get("saved", []))

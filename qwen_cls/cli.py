@@ -10,10 +10,14 @@ decides what the run really does, and the keys it overrode are printed.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import pickle
+import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from jsonargparse import CLI
@@ -33,7 +37,7 @@ from qwen_cls.config import (
     WandbConfig,
 )
 from qwen_cls.data import QwenDataModule, export_demo_data
-from qwen_cls.errors import ConfigError, QwenClsError
+from qwen_cls.errors import CheckpointError, ConfigError, QwenClsError
 from qwen_cls.evaluate import evaluate, evaluate_all
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
@@ -66,6 +70,9 @@ LINKS = [
     ("training.max_grad_norm", "trainer.gradient_clip_val", lambda v: v or None),
     ("training.output_dir", "trainer.default_root_dir", None),
     ("wandb.log_dataset_metrics", "model.log_dataset_metrics", None),
+    ("datasets.enable_logits_masking", "model.enable_logits_masking", None),
+    ("training.on_nonfinite_loss", "model.on_nonfinite_loss", None),
+    ("seed_everything", "data.seed", lambda s: s if isinstance(s, int) and not isinstance(s, bool) else 0),
 ]
 
 
@@ -74,6 +81,45 @@ class StepCSVLogger(CSVLogger):
 
     def log_metrics(self, metrics, step=None) -> None:
         super().log_metrics(metrics, None if step is None else int(step))
+
+
+REDACTED = "<redacted>"
+# W&B keys are 40 hex characters (a local server's carry a "local-" prefix); no config value is like that
+_KEY_LIKE = re.compile(r"\b(?:local-)?[0-9a-f]{40}\b")
+
+
+def redact_secrets(cfg, prefix: str = "") -> list[str]:
+    """Replace key-like strings in a parsed config, in place, before it is saved or logged anywhere;
+    return the keys that held one."""
+    found = []
+    for key, value in list(cfg.items()):
+        dotted = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            found += redact_secrets(value, f"{dotted}.")
+        elif isinstance(value, str) and _KEY_LIKE.search(value):
+            cfg[key] = _KEY_LIKE.sub(REDACTED, value)
+            found.append(dotted)
+    return found
+
+
+@contextlib.contextmanager
+def refuse_unsafe_checkpoint(ckpt_path: str | None):
+    """torch.load(weights_only=True) refuses a checkpoint holding arbitrary objects; say so in one line."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"ckpt_path: {ckpt_path} cannot be loaded safely: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def _check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"training.output_dir: {output_dir} is not writable ({e.strerror})") from None
 
 
 @rank_zero_only
@@ -100,6 +146,10 @@ class QwenCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        for key in redact_secrets(cfg):
+            say(
+                f"{key} looks like an API key; it was replaced by '{REDACTED}' (W&B reads its key from the environment)"
+            )
         self.resolution = resolve(cfg.as_dict())
         for override in self.resolution.overrides:
             say(str(override))
@@ -121,7 +171,8 @@ class QwenCLI(LightningCLI):
             "overrides": [str(o) for o in self.resolution.overrides],
         }
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        callbacks = [QwenCheckpoint(output_dir, run_info=run_info, **self.resolution.checkpoint)]
+        retention = {"keep_last_n": cfg.training.keep_last_n, "disk_check": cfg.training.disk_check}
+        callbacks = [QwenCheckpoint(output_dir, run_info=run_info, **retention, **self.resolution.checkpoint)]
         if trainer_config.get("enable_progress_bar") is not False:
             tty = sys.stdout.isatty()
             callbacks.append(
@@ -172,6 +223,7 @@ class QwenCLI(LightningCLI):
 
     def before_fit(self) -> None:
         output_dir, existing = self._existing()
+        _check_writable(output_dir)
         ckpt_path = self._state_path(self.config.fit.get("ckpt_path"), existing, output_dir)
         if not ckpt_path and existing:
             if not self.config.fit.training.overwrite_output_dir:
@@ -186,7 +238,10 @@ class QwenCLI(LightningCLI):
         self._ckpt_path = ckpt_path
 
     def fit(self, model, datamodule=None, **kwargs) -> None:
-        self.trainer.fit(model, datamodule=datamodule, **{**kwargs, "ckpt_path": self._ckpt_path})
+        # weights_only: a checkpoint file never runs code when it is loaded, whatever it contains
+        kwargs = {**kwargs, "ckpt_path": self._ckpt_path, "weights_only": True}
+        with refuse_unsafe_checkpoint(self._ckpt_path):
+            self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def after_fit(self) -> None:
         """``full_eval_at_end``: all validation rows, on the best checkpoint's weights if
@@ -215,7 +270,9 @@ class QwenCLI(LightningCLI):
         self._ckpt_path = self._state_path(self.config.validate.get("ckpt_path"), existing, output_dir)
 
     def validate(self, model, datamodule=None, **kwargs) -> None:
-        self.trainer.validate(model, datamodule=datamodule, **{**kwargs, "ckpt_path": self._ckpt_path})
+        kwargs = {**kwargs, "ckpt_path": self._ckpt_path, "weights_only": True}
+        with refuse_unsafe_checkpoint(self._ckpt_path):
+            self.trainer.validate(model, datamodule=datamodule, **kwargs)
 
 
 def run_lightning_cli(args: list[str] | None = None) -> QwenCLI:
@@ -281,8 +338,17 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_lightning_cli(None if from_sys_argv else argv)
     except QwenClsError as e:
-        print(f"qwen-cls: error: {e}", file=sys.stderr)
+        print(f"qwen-cls: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(error: QwenClsError) -> str:
+    """The message alone, also when a DataLoader worker raised it (torch then wraps the worker's traceback)."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.removeprefix(f"{type(error).__module__}.{type(error).__name__}: ")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,16 @@ class DatasetConfig:
 
 @dataclass
 class DatasetsConfig:
-    """The ``datasets:`` section: every dataset a JSONL row may name."""
+    """The ``datasets:`` section: every dataset a JSONL row may name.
+
+    Args:
+        dataset_configs: one entry per dataset name.
+        enable_logits_masking: each row's logits beyond its dataset's num_classes are masked for the loss,
+            the prediction and the metrics (datasets share one head; their labels are local).
+    """
 
     dataset_configs: dict[str, DatasetConfig] = field(default_factory=dict)
+    enable_logits_masking: bool = True
 
 
 @dataclass
@@ -70,6 +77,11 @@ class TrainingConfig:
         eval_steps: evaluate every this many optimizer steps (standard mode only).
         skip_evaluation: no-evaluation mode; wins over every evaluation and best-model key.
         save_all_checkpoints: keep every checkpoint rather than only the best.
+        keep_last_n: keep only the newest N checkpoints (plus the best one when tracking); default: all.
+            The remedy the disk-space check suggests.
+        disk_check: before step 1, compare the space the kept checkpoints will take with the free space at
+            output_dir: ``error`` (stop if too little), ``warn`` or ``off``.
+        on_nonfinite_loss: a NaN/infinite loss ``error`` (stop, naming the step and datasets) or ``skip_step``.
         evaluation: the seed document also accepts ``evaluation`` nested here; it is merged over the
             top-level section.
         best_model_tracking: likewise for ``best_model_tracking``.
@@ -89,6 +101,9 @@ class TrainingConfig:
     eval_steps: int = 500
     skip_evaluation: bool = False
     save_all_checkpoints: bool = False
+    keep_last_n: int | None = None
+    disk_check: str = "error"
+    on_nonfinite_loss: str = "error"
     evaluation: EvaluationConfig | None = None
     best_model_tracking: BestModelTrackingConfig | None = None
 

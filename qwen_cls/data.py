@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoProcessor
 
 from qwen_cls.config import DatasetConfig
 from qwen_cls.errors import ConfigError, DataError
+from qwen_cls.model import qwen_model_type
 
 DEFAULT_PROMPT = "Which {dataset} class is this image?"
 
@@ -33,6 +34,7 @@ class Row:
     image_path: Path
     label: int
     dataset_idx: int
+    source: str  # "file:line", for errors found while loading
 
 
 def _as_list(paths: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str | os.PathLike]:
@@ -89,7 +91,12 @@ def _parse_row(line: str, where: str, base: Path, names: list[str], configs: dic
     image_path = Path(image) if Path(image).is_absolute() else base / image
     if not image_path.is_file():
         raise DataError(f"{where}: image not found: {image_path}")
-    return Row(image_path, label, names.index(dataset))
+    try:
+        with Image.open(image_path):  # reads the header only: a cheap check that it is an image at all
+            pass
+    except (OSError, ValueError) as e:
+        raise DataError(f"{where}: not a readable image: {image_path} ({e})") from None
+    return Row(image_path, label, names.index(dataset), where)
 
 
 def eval_subset(rows: list[Row], configs: dict[str, DatasetConfig], seed: int = 0) -> list[Row]:
@@ -104,16 +111,43 @@ def eval_subset(rows: list[Row], configs: dict[str, DatasetConfig], seed: int = 
 
 
 class ImageRowsDataset(Dataset):
-    def __init__(self, rows: list[Row]):
+    """Decodes each row's image; one that fails to decode (e.g. truncated) raises ``DataError`` naming its
+    file and line, or with ``on_bad_image="skip"`` is left out of its batch and counted."""
+
+    def __init__(self, rows: list[Row], on_bad_image: str = "error"):
         self.rows = rows
+        self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int, int]:
+    def __getitem__(self, i: int) -> tuple[Image.Image, int, int] | None:
         row = self.rows[i]
-        with Image.open(row.image_path) as im:
-            return im.convert("RGB"), row.label, row.dataset_idx
+        try:
+            with Image.open(row.image_path) as im:
+                return im.convert("RGB"), row.label, row.dataset_idx
+        except (OSError, ValueError) as e:
+            if self.on_bad_image == "skip":
+                return None
+            raise DataError(
+                f"{row.source}: cannot decode image {row.image_path} ({e}); fix or remove the row, or set "
+                "data.on_bad_image: skip"
+            ) from None
+
+
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` (shuffled from seed + epoch, this rank's share) that, after a resume in the
+    middle of an epoch, first skips the rows that epoch had already trained on, so the data order
+    continues exactly. Its length stays the full epoch's: the learning-rate schedule depends on it."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, skip: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
 
 
 class Collator:
@@ -123,14 +157,20 @@ class Collator:
         self.processor = processor
         self.prompts = prompts
 
-    def __call__(self, samples: list[tuple[Image.Image, int, int]]) -> dict[str, torch.Tensor]:
-        images, labels, datasets = zip(*samples, strict=True)
+    def __call__(self, samples: list[tuple[Image.Image, int, int] | None]) -> dict[str, torch.Tensor]:
+        readable = [s for s in samples if s is not None]
+        if not readable:
+            raise DataError(
+                "every image of a batch failed to decode; check the data (data.on_bad_image: skip)"
+            )
+        images, labels, datasets = zip(*readable, strict=True)
         batch = self.processor(
             text=[self.prompts[d] for d in datasets], images=list(images), padding=True, return_tensors="pt"
         )
         batch = dict(batch)
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
         batch["dataset_idx"] = torch.tensor(datasets, dtype=torch.long)
+        batch["skipped_images"] = torch.tensor(len(samples) - len(readable))
         return batch
 
 
@@ -156,6 +196,9 @@ class QwenDataModule(L.LightningDataModule):
         processor_path: linked from ``model.pretrained_name``.
         dataset_configs: linked from ``datasets.dataset_configs``.
         eval_seed: seed choosing the ``eval_ratio`` subset.
+        on_bad_image: an image that fails to decode while loading: ``error`` (stop, naming file and line) or
+            ``skip`` (leave it out of its batch; skipped images are counted and reported).
+        seed: linked from ``seed_everything``: the training order is shuffled from it and the epoch.
     """
 
     def __init__(
@@ -171,8 +214,12 @@ class QwenDataModule(L.LightningDataModule):
         processor_path: str | None = None,
         dataset_configs: dict[str, DatasetConfig] | None = None,
         eval_seed: int = 0,
+        on_bad_image: str = "error",
+        seed: int = 0,
     ):
         super().__init__()
+        if on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_image: {on_bad_image!r}; choose error or skip")
         if batch_size < 1:
             raise ConfigError(f"data.batch_size: must be >= 1, got {batch_size}")
         if not dataset_configs:
@@ -188,6 +235,9 @@ class QwenDataModule(L.LightningDataModule):
         self.processor_path = processor_path
         self.dataset_configs = dict(dataset_configs)
         self.eval_seed = eval_seed
+        self.on_bad_image = on_bad_image
+        self.seed = seed
+        self._resume_skip_batches = 0
         self.processor = None
         self.train_rows: list[Row] | None = None
         self.val_rows: list[Row] | None = None
@@ -195,6 +245,7 @@ class QwenDataModule(L.LightningDataModule):
 
     def _load_processor(self):
         if self.processor is None:
+            qwen_model_type(self.processor_path)
             kwargs = {
                 k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v
             }
@@ -228,31 +279,45 @@ class QwenDataModule(L.LightningDataModule):
         ]
         return Collator(processor, prompts)
 
-    def _loader(self, rows: list[Row], batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
+    def _loader(self, dataset: ImageRowsDataset, batch_size: int, sampler=None) -> DataLoader:
         return DataLoader(
-            ImageRowsDataset(rows),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle if sampler is None else None,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collator(),
             persistent_workers=self.num_workers > 0,
         )
 
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_rows, self.batch_size, shuffle=True)
+        dataset = ImageRowsDataset(self.train_rows, self.on_bad_image)
+        world_size, rank = self._world()
+        skip, self._resume_skip_batches = self._resume_skip_batches * self.batch_size, 0
+        sampler = ResumableSampler(dataset, world_size, rank, seed=self.seed, skip=skip)
+        return self._loader(dataset, self.batch_size, sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Batches of the current epoch already trained on, so a resume continues the data order exactly."""
+        if self.trainer is None or not self.trainer.training:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch_batches_done": done if done < self.trainer.num_training_batches else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_skip_batches = state.get("epoch_batches_done", 0)
 
     def val_dataloader(self) -> DataLoader:
         rows = self.val_rows
         if not self.full_eval:
             rows = eval_subset(rows, self.dataset_configs, self.eval_seed)
-        sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # Lightning's default DistributedSampler pads by repeating rows; metrics would count them twice
-            sampler = UnrepeatedDistributedSampler(
-                rows, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-            )
-        return self._loader(rows, self.eval_batch_size, shuffle=False, sampler=sampler)
+        dataset = ImageRowsDataset(rows, self.on_bad_image)
+        world_size, rank = self._world()
+        # Lightning's default DistributedSampler pads by repeating rows; metrics would count them twice
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return self._loader(dataset, self.eval_batch_size, sampler)
 
 
 def export_demo_data(output_dir: str | Path, val_per_class: int = 100, seed: int = 0) -> Path:

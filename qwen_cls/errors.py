@@ -11,3 +11,11 @@ class ConfigError(QwenClsError):
 
 class DataError(QwenClsError):
     """A data file or row is bad; the message names the file and line."""
+
+
+class DiskSpaceError(QwenClsError):
+    """The checkpoints a run will keep do not fit in the free space of its output_dir."""
+
+
+class CheckpointError(QwenClsError):
+    """A checkpoint cannot be used: incomplete, or holding objects other than tensors (never unpickled)."""

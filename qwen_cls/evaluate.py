@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from qwen_cls.checkpoint import (
 )
 from qwen_cls.config import DatasetConfig
 from qwen_cls.data import QwenDataModule
-from qwen_cls.errors import ConfigError
+from qwen_cls.errors import CheckpointError, ConfigError
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import wandb_online
@@ -119,8 +120,16 @@ def load_module(checkpoint: Path, setup: EvalSetup) -> QwenClassifier:
         )
     module = QwenClassifier(pretrained_name=setup.base_model, **kwargs)
     module.configure_model()
-    module.load_state_dict(torch.load(state, map_location="cpu", weights_only=True)["state_dict"])
+    module.load_state_dict(load_state(state)["state_dict"])
     return module
+
+
+def load_state(path: Path) -> dict:
+    """A Lightning checkpoint file, tensors and plain values only: a crafted pickle is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
 
 
 def make_datamodule(

@@ -1,15 +1,22 @@
-"""Classification losses, computed in fp32 whatever the model's dtype."""
+"""Classification losses, computed in fp32 whatever the model's dtype, aware of per-row valid classes.
+
+Several datasets share one head of ``num_labels`` columns, their labels local to each dataset. With
+logits masking each row only competes over its own dataset's classes: ``valid`` marks them, masked
+columns get probability zero, and label smoothing spreads its mass over the valid columns only (spread
+over all columns, it puts mass on zero-probability classes: an infinite loss).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from qwen_cls.errors import ConfigError
 
-LOSS_TYPES = ("cross_entropy", "label_smoothing")
+LOSS_TYPES = ("cross_entropy", "label_smoothing", "focal", "arcface", "symmetric_ce")
+RCE_LOG_ZERO = math.log(1e-4)  # symmetric CE's reverse term clamps the one-hot target at 1e-4
 
 
 @dataclass
@@ -17,29 +24,94 @@ class LossConfig:
     """The ``loss:`` section.
 
     Args:
-        type: one of ``cross_entropy`` or ``label_smoothing``.
-        smoothing: label-smoothing mass spread over the other classes (``label_smoothing`` only), in [0, 1).
-        temperature: logits are divided by it before the softmax (> 0).
+        type: cross_entropy, label_smoothing, focal, arcface or symmetric_ce.
+        smoothing: label_smoothing: probability mass spread over the other valid classes, in [0, 1).
+        gamma: focal: focusing exponent (>= 0); 0 is cross-entropy.
+        alpha: focal: weight of the loss (> 0); symmetric_ce: weight of the cross-entropy term (>= 0).
+        beta: symmetric_ce: weight of the reverse cross-entropy term (>= 0).
+        margin: arcface: additive angular margin in radians, in [0, pi/2), applied in training only.
+        scale: arcface: the cosine logits are multiplied by it (> 0).
+        temperature: every loss divides the logits by it first (> 0).
     """
 
     type: str = "cross_entropy"
     smoothing: float = 0.1
+    gamma: float = 2.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    margin: float = 0.2
+    scale: float = 30.0
     temperature: float = 1.0
 
 
 def validate_loss_config(cfg: LossConfig) -> None:
+    """Raise ``ConfigError`` naming the key for anything a run would trip over later."""
     if cfg.type not in LOSS_TYPES:
         raise ConfigError(f"loss.type: unknown loss {cfg.type!r}; choose one of {', '.join(LOSS_TYPES)}")
-    if not 0.0 <= cfg.smoothing < 1.0:
-        raise ConfigError(f"loss.smoothing: must be in [0, 1), got {cfg.smoothing}")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"loss.temperature: must be > 0, got {cfg.temperature}")
+    checks = [
+        ("temperature", cfg.temperature > 0, "> 0"),
+        ("smoothing", 0.0 <= cfg.smoothing < 1.0, "in [0, 1)"),
+        ("gamma", cfg.gamma >= 0, ">= 0"),
+        (
+            "alpha",
+            cfg.alpha > 0 if cfg.type == "focal" else cfg.alpha >= 0,
+            "> 0 for focal, >= 0 for symmetric_ce",
+        ),
+        ("beta", cfg.beta >= 0, ">= 0"),
+        ("margin", 0.0 <= cfg.margin < math.pi / 2, "in [0, pi/2)"),
+        ("scale", cfg.scale > 0, "> 0"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"loss.{key}: must be {rule}, got {getattr(cfg, key)}")
+    if cfg.type == "symmetric_ce" and cfg.alpha == 0 and cfg.beta == 0:
+        raise ConfigError("loss.alpha / loss.beta: symmetric_ce needs at least one of them > 0")
+
+
+def mask_logits(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Columns outside a row's dataset get -inf: zero probability, never predicted."""
+    return logits if valid is None else logits.masked_fill(~valid, float("-inf"))
 
 
 def classification_loss(
-    logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, reduction: str = "mean"
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: LossConfig,
+    valid: torch.Tensor | None = None,
+    reduction: str = "mean",
+    training: bool = True,
 ) -> torch.Tensor:
-    """Loss of a batch (``reduction="none"``: one per sample); ``logits`` are raw head outputs."""
-    logits = logits.float() / cfg.temperature
-    smoothing = cfg.smoothing if cfg.type == "label_smoothing" else 0.0
-    return F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction=reduction)
+    """Loss of a batch (``reduction="none"``: one value per row).
+
+    ``logits`` are the head's outputs (for ``arcface`` the scaled cosines the cosine head produces);
+    ``valid`` is a (batch, classes) bool mask of each row's classes, or None for all.
+    """
+    logits = logits.float()
+    if cfg.type == "arcface" and training:
+        logits = _arcface_margin(logits, labels, cfg)
+    logits = mask_logits(logits / cfg.temperature, valid)
+    log_p = torch.log_softmax(logits, dim=-1)
+    nll = -log_p.gather(1, labels[:, None]).squeeze(1)
+    if cfg.type == "label_smoothing":
+        # mean of -log p over the valid classes only (masked columns would contribute -inf)
+        n_valid = valid.sum(-1) if valid is not None else torch.full_like(nll, logits.shape[-1])
+        spread = (-log_p).masked_fill(torch.isinf(log_p), 0.0).sum(-1) / n_valid
+        loss = (1 - cfg.smoothing) * nll + cfg.smoothing * spread
+    elif cfg.type == "focal":
+        p_true = torch.exp(-nll)
+        loss = cfg.alpha * (1 - p_true).pow(cfg.gamma) * nll
+    elif cfg.type == "symmetric_ce":
+        p_true = torch.exp(-nll)
+        reverse = -RCE_LOG_ZERO * (1 - p_true)  # -sum_k p_k log(clamp(onehot_k, 1e-4))
+        loss = cfg.alpha * nll + cfg.beta * reverse
+    else:  # cross_entropy, arcface
+        loss = nll
+    return loss.mean() if reduction == "mean" else loss
+
+
+def _arcface_margin(scaled_cos: torch.Tensor, labels: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Replace each row's target logit s*cos(theta) by s*cos(theta + m)."""
+    cos = (scaled_cos / cfg.scale).clamp(-1 + 1e-7, 1 - 1e-7)
+    target = cos.gather(1, labels[:, None])
+    with_margin = torch.cos(torch.acos(target) + cfg.margin)
+    return (cos.scatter(1, labels[:, None], with_margin)) * cfg.scale

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import lightning as L
 import torch
+from huggingface_hub.dataclasses import strict
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -27,15 +30,21 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrai
 from transformers.optimization import get_cosine_schedule_with_warmup
 
 from qwen_cls.config import DatasetConfig
-from qwen_cls.errors import ConfigError
-from qwen_cls.losses import LossConfig, classification_loss, validate_loss_config
+from qwen_cls.errors import ConfigError, QwenClsError
+from qwen_cls.losses import LossConfig, classification_loss, mask_logits, validate_loss_config
 from qwen_cls.metrics import ClassificationMetrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
+@strict
 class QwenVLClassifierConfig(Qwen2_5_VLConfig):
+    """Qwen2.5-VL plus the head: ``linear`` (logits = W h + b) or ``cosine`` (logits = scale * cos(h, W), the
+    head ArcFace trains)."""
+
     model_type = "qwen2_5_vl_classifier"
+    classifier_head: str = "linear"
+    cosine_scale: float = 30.0
 
 
 def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -51,8 +60,15 @@ class QwenVLForImageClassification(Qwen2_5_VLPreTrainedModel):
     def __init__(self, config: QwenVLClassifierConfig, backbone: Qwen2_5_VLModel | None = None):
         super().__init__(config)
         self.model = backbone if backbone is not None else Qwen2_5_VLModel(config)
-        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels)
+        cosine = config.classifier_head == "cosine"
+        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels, bias=not cosine)
         self.post_init()
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.config.classifier_head == "cosine":
+            weight = nn.functional.normalize(self.score.weight, dim=-1)
+            return self.config.cosine_scale * nn.functional.normalize(pooled, dim=-1) @ weight.T
+        return self.score(pooled)
 
     def forward(
         self,
@@ -73,7 +89,7 @@ class QwenVLForImageClassification(Qwen2_5_VLPreTrainedModel):
             use_cache=False,
             **kwargs,
         ).last_hidden_state
-        logits = self.score(pool_last_token(hidden, attention_mask))
+        logits = self.head(pool_last_token(hidden, attention_mask))
         loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
 
@@ -82,11 +98,17 @@ AutoConfig.register(QwenVLClassifierConfig.model_type, QwenVLClassifierConfig)
 AutoModelForImageClassification.register(QwenVLClassifierConfig, QwenVLForImageClassification)
 
 
-def _read_model_type(path: Path) -> str:
-    config_file = path / "config.json"
+def qwen_model_type(path: str | Path) -> str:
+    """``qwen2_5_vl`` or ``qwen2_5_vl_classifier`` for a loadable folder; anything else is a config error."""
+    config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"model.pretrained_name: {path} has no config.json; expected a Qwen2.5-VL folder")
-    return json.loads(config_file.read_text()).get("model_type", "")
+    model_type = json.loads(config_file.read_text()).get("model_type", "")
+    if model_type not in ("qwen2_5_vl", QwenVLClassifierConfig.model_type):
+        raise ConfigError(
+            f"model.pretrained_name: {path} holds a {model_type or 'unknown'!r} model; expected a Qwen2.5-VL folder"
+        )
+    return model_type
 
 
 def load_classifier(
@@ -94,12 +116,13 @@ def load_classifier(
     num_labels: int,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    classifier_head: str = "linear",
+    cosine_scale: float = 30.0,
 ) -> QwenVLForImageClassification:
     """A classifier from a local folder: either a saved ``hf_model/`` (backbone and head) or any Qwen2.5-VL
     checkpoint (3B/7B/32B/72B or the tiny one), whose LM head is dropped and a new head added."""
     path = Path(pretrained_name)
-    model_type = _read_model_type(path)
-    if model_type == QwenVLClassifierConfig.model_type:
+    if qwen_model_type(path) == QwenVLClassifierConfig.model_type:
         model = QwenVLForImageClassification.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation
         )
@@ -107,11 +130,12 @@ def load_classifier(
             raise ConfigError(
                 f"model.num_labels: {num_labels}, but the classifier in {path} has {model.config.num_labels} labels"
             )
+        if model.config.classifier_head != classifier_head:
+            raise ConfigError(
+                f"loss.type: needs a {classifier_head} head, but the classifier in {path} has a "
+                f"{model.config.classifier_head} head (arcface trains a cosine head; the other losses a linear one)"
+            )
         return model
-    if model_type != "qwen2_5_vl":
-        raise ConfigError(
-            f"model.pretrained_name: {path} holds a {model_type or 'unknown'!r} model; expected a Qwen2.5-VL folder"
-        )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the LM head is "unexpected" by design; missing keys are checked below
     try:
@@ -133,6 +157,8 @@ def load_classifier(
     config = QwenVLClassifierConfig(
         **{k: v for k, v in backbone.config.to_dict().items() if k not in skip},
         num_labels=num_labels,
+        classifier_head=classifier_head,
+        cosine_scale=cosine_scale,
         **labels,
     )
     model = QwenVLForImageClassification(config, backbone=backbone)
@@ -146,20 +172,26 @@ def _dtype_for(name: str, precision: str | None) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+class NonFiniteLossError(QwenClsError):
+    """The loss went NaN or infinite; the message names the step and the batch's datasets."""
+
+
 class QwenClassifier(L.LightningModule):
     """The ``model:`` section: what to load and how big the head is.
 
     Args:
         pretrained_name: a local Qwen2.5-VL folder (any size), or a ``hf_model/`` saved by qwen-cls.
-        num_labels: columns of the linear head; at least every dataset's ``num_classes``.
+        num_labels: columns of the head; at least every dataset's ``num_classes``.
         torch_dtype: weight dtype: ``auto`` follows ``trainer.precision`` (fp32 unless ``bf16-true``/``16-true``).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
         loss: linked from the ``loss:`` section.
         dataset_configs: linked from ``datasets.dataset_configs``.
+        enable_logits_masking: linked from ``datasets.enable_logits_masking``.
         lr: linked from ``training.lr``.
         weight_decay: linked from ``training.weight_decay``.
         warmup_steps: linked from ``training.warmup_steps``.
         gradient_checkpointing: linked from ``training.gradient_checkpointing``.
+        on_nonfinite_loss: linked from ``training.on_nonfinite_loss``.
         log_dataset_metrics: linked from ``wandb.log_dataset_metrics``: also log training accuracy and loss
             per dataset (``train/<dataset>_accuracy``, ``train/<dataset>_loss``).
     """
@@ -172,10 +204,12 @@ class QwenClassifier(L.LightningModule):
         attn_implementation: str = "sdpa",
         loss: LossConfig | None = None,
         dataset_configs: dict[str, DatasetConfig] | None = None,
+        enable_logits_masking: bool = True,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: float = 0,
         gradient_checkpointing: bool = False,
+        on_nonfinite_loss: str = "error",
         log_dataset_metrics: bool = False,
     ):
         super().__init__()
@@ -186,6 +220,8 @@ class QwenClassifier(L.LightningModule):
             raise ConfigError(
                 f"model.torch_dtype: {torch_dtype!r}; choose auto, float32, bfloat16 or float16"
             )
+        if on_nonfinite_loss not in ("error", "skip_step"):
+            raise ConfigError(f"training.on_nonfinite_loss: {on_nonfinite_loss!r}; choose error or skip_step")
         self.dataset_configs = dict(dataset_configs or {})
         for name, ds in self.dataset_configs.items():
             if ds.num_classes > num_labels:
@@ -194,11 +230,16 @@ class QwenClassifier(L.LightningModule):
                     f"({ds.num_classes})"
                 )
         self.dataset_names = list(self.dataset_configs) or ["default"]
+        classes = [ds.num_classes for ds in self.dataset_configs.values()] or [num_labels]
+        self.register_buffer("dataset_num_classes", torch.tensor(classes), persistent=False)
+        self.masking = enable_logits_masking and min(classes) < num_labels
         self.net: QwenVLForImageClassification | None = None
         self.val_metrics = ClassificationMetrics(self.dataset_names)
         self.last_eval_metrics: dict[str, float] = {}
         self.last_eval_step = -1
         self.samples_seen = 0
+        self.skipped_steps = 0
+        self.skipped_images = 0  # unreadable images left out with data.on_bad_image: skip (this rank)
 
     def configure_model(self) -> None:
         """Load weights lazily, once, so strategies (DeepSpeed ZeRO-3) can shape how the model is built."""
@@ -206,8 +247,10 @@ class QwenClassifier(L.LightningModule):
             return
         precision = self._trainer.precision if self._trainer is not None else None
         hp = self.hparams
+        head = "cosine" if self.loss_config.type == "arcface" else "linear"
+        dtype = _dtype_for(hp.torch_dtype, precision)
         self.net = load_classifier(
-            hp.pretrained_name, hp.num_labels, _dtype_for(hp.torch_dtype, precision), hp.attn_implementation
+            hp.pretrained_name, hp.num_labels, dtype, hp.attn_implementation, head, self.loss_config.scale
         ).train()  # from_pretrained returns eval mode; Lightning switches to eval for validation itself
         if hp.gradient_checkpointing:
             self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -215,12 +258,25 @@ class QwenClassifier(L.LightningModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.net(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def valid_classes(self, dataset_idx: torch.Tensor) -> torch.Tensor | None:
+        """(batch, num_labels) mask of each row's own dataset's classes, or None when nothing is masked."""
+        if not self.masking:
+            return None
+        columns = torch.arange(self.hparams.num_labels, device=dataset_idx.device)
+        return columns[None, :] < self.dataset_num_classes[dataset_idx][:, None]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         logits = self(batch)
-        loss = classification_loss(logits, batch["labels"], self.loss_config)
+        valid = self.valid_classes(batch["dataset_idx"])
+        loss = classification_loss(logits, batch["labels"], self.loss_config, valid)
+        if not self._loss_is_finite(loss, batch):
+            return None  # on_nonfinite_loss: skip_step; Lightning skips backward and the optimizer step
         batch_size = batch["labels"].shape[0]
+        if "skipped_images" in batch and int(batch["skipped_images"]):
+            self.skipped_images += int(batch["skipped_images"])
+            self.log("train/skipped_images", float(self.skipped_images), on_step=True, reduce_fx="sum")
         if self.hparams.log_dataset_metrics:
-            self._log_dataset_metrics(logits.detach(), batch)
+            self._log_dataset_metrics(logits.detach(), batch, valid)
         self.samples_seen += batch_size * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
@@ -230,9 +286,27 @@ class QwenClassifier(L.LightningModule):
         self.log("step", float(self.trainer.global_step + 1), on_step=True, on_epoch=False)
         return loss
 
-    def _log_dataset_metrics(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        losses = classification_loss(logits, batch["labels"], self.loss_config, reduction="none")
-        hits = (logits.argmax(-1) == batch["labels"]).float()
+    def _loss_is_finite(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> bool:
+        """All ranks agree (one scalar all-reduce), so a skip never leaves a rank waiting in backward."""
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            return True
+        step = self.trainer.global_step + 1
+        datasets = sorted({self.dataset_names[i] for i in batch["dataset_idx"].tolist()})
+        where = f"training step {step} (epoch {self.current_epoch}, batch {self.trainer.fit_loop.epoch_loop.batch_idx})"
+        if self.hparams.on_nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                f"{where}: the loss is {float(loss)} on a batch of dataset(s) {', '.join(datasets)}; lower "
+                "training.lr or loss.temperature's divisor, check the data, or set training.on_nonfinite_loss: "
+                "skip_step"
+            )
+        self.skipped_steps += 1
+        rank_zero_warn(f"{where}: non-finite loss on dataset(s) {', '.join(datasets)}; step skipped")
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        return False
+
+    def _log_dataset_metrics(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], valid) -> None:
+        losses = classification_loss(logits, batch["labels"], self.loss_config, valid, reduction="none")
+        hits = (mask_logits(logits.float(), valid).argmax(-1) == batch["labels"]).float()
         for idx, name in enumerate(self.dataset_names):
             rows = batch["dataset_idx"] == idx
             if rows.any():
@@ -249,9 +323,10 @@ class QwenClassifier(L.LightningModule):
             self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch)
-        losses = classification_loss(logits, batch["labels"], self.loss_config, reduction="none")
-        self.val_metrics.update(logits.float(), batch["labels"], batch["dataset_idx"], losses)
+        valid = self.valid_classes(batch["dataset_idx"])
+        logits = mask_logits(self(batch).float(), valid)
+        losses = classification_loss(logits, batch["labels"], self.loss_config, valid, "none", training=False)
+        self.val_metrics.update(logits, batch["labels"], batch["dataset_idx"], losses)
 
     def on_validation_epoch_end(self) -> None:
         self.last_eval_metrics = self.val_metrics.compute()
@@ -262,6 +337,12 @@ class QwenClassifier(L.LightningModule):
             if self.trainer.state.fn == "fit":  # logged against the optimizer step it evaluates
                 metrics["step"] = float(self.trainer.global_step)
             self.log_dict(metrics, sync_dist=False)
+
+    def on_train_end(self) -> None:
+        if self.skipped_images:
+            rank_zero_warn(
+                f"{self.skipped_images} unreadable images were skipped on rank 0 (data.on_bad_image: skip)"
+            )
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -279,7 +360,19 @@ class QwenClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["qwen_cls"] = {"samples_seen": self.samples_seen}
+        checkpoint["qwen_cls"] = {
+            "samples_seen": self.samples_seen,
+            "skipped_steps": self.skipped_steps,
+            "skipped_images": self.skipped_images,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.samples_seen = checkpoint.get("qwen_cls", {}).get("samples_seen", 0)
+        state = checkpoint.get("qwen_cls", {})
+        self.samples_seen = state.get("samples_seen", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.skipped_images = state.get("skipped_images", 0)
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+            random.setstate(state["python_rng"])

@@ -6,7 +6,6 @@ Both are timed as a user runs them (whole commands, start-up included), on the s
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import yaml
+from report import report
 
 from qwen_cls.checkpoint import list_checkpoints
 from qwen_cls.data import export_demo_data
@@ -76,11 +76,7 @@ def main() -> None:
         "evaluate_all_s": round(together, 2),
         "ratio": round(together / separate, 3),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print("\n| measurement | value |\n| --- | --- |")
-    for key, value in results.items():
-        print(f"| {key} | {value} |")
+    report(results, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Uses the tiny Qwen2.5-VL and the MNIST demo data (built under outputs/ if missin
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch
 import yaml
 from bare_loop import bare_loop
 from lightning.pytorch import Callback
+from report import report
 
 from qwen_cls.cli import QwenCLI
 from qwen_cls.data import QwenDataModule, export_demo_data
@@ -131,11 +131,7 @@ def main() -> None:
         "final_only_fit_s": round(final_only.fit_seconds, 2),
         "keep_every_checkpoint_ratio": round(no_eval.fit_seconds / final_only.fit_seconds, 3),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print("\n| measurement | value |\n| --- | --- |")
-    for key, value in results.items():
-        print(f"| {key} | {value} |")
+    report(results, args.out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,13 @@ def run_log(run: Path, name: str = "metrics.csv") -> Path:
     """The newest ``logs/version_N/<name>`` of a run (each start or resume writes its own version)."""
     versions = sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     return versions[-1] / name
+
+
+def start_qwen_cls(*args: str) -> subprocess.Popen:
+    """`qwen-cls ARGS` as a separate, silent process (for runs a test watches or kills)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwen_cls", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

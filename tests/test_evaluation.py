@@ -17,7 +17,7 @@ from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.config import DatasetConfig
 from qwen_cls.data import eval_subset, read_rows
 from qwen_cls.evaluate import evaluate, evaluate_all
-from tests.conftest import REPO, base_config, run_log, write_config
+from tests.conftest import REPO, base_config, run_log, start_qwen_cls, write_config
 
 
 def partial_evals(run: Path, samples: int = 100) -> dict[int, dict[str, float]]:
@@ -256,12 +256,7 @@ def test_watch_follows_a_run_while_it_trains(tiny_model, demo_data, tmp_path):
     config["data"]["batch_size"] = 16
     config["training"].update(max_steps=30, save_steps=10)
     path = write_config(tmp_path / "c.yaml", config)
-    training = subprocess.Popen(
-        [sys.executable, "-m", "qwen_cls", "fit", "--config", str(path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    training = start_qwen_cls("fit", "--config", str(path))
     try:
         rows = evaluate_all(
             str(tmp_path / "run"),

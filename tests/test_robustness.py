@@ -8,8 +8,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.errors import CheckpointError
 from qwen_cls.evaluate import evaluate
 from qwen_cls.model import MODEL_INPUTS, QwenVLForImageClassification
-from tests.conftest import REPO, base_config, write_config
+from tests.conftest import base_config, start_qwen_cls, write_config
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B key, not a real one
 
@@ -233,12 +231,7 @@ def test_resume_after_sigkill_continues_exactly(tiny_model, demo_data, tmp_path)
 
     config["training"]["output_dir"] = str(tmp_path / "killed")
     killed_cfg = write_config(tmp_path / "killed.yaml", config)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen_cls", "fit", "--config", str(killed_cfg)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_qwen_cls("fit", "--config", str(killed_cfg))
     marker = tmp_path / "killed" / "checkpoint-10" / "training_info.json"
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jsonargparse import CLI
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -41,7 +41,7 @@ from qwen_cls.errors import CheckpointError, ConfigError, QwenClsError
 from qwen_cls.evaluate import evaluate, evaluate_all
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import wandb_online
+from qwen_cls.monitor import LogLineProgress, wandb_online
 from qwen_cls.policy import Resolution, resolve
 from qwen_cls.tiny import make_tiny
 
@@ -174,10 +174,9 @@ class QwenCLI(LightningCLI):
         retention = {"keep_last_n": cfg.training.keep_last_n, "disk_check": cfg.training.disk_check}
         callbacks = [QwenCheckpoint(output_dir, run_info=run_info, **retention, **self.resolution.checkpoint)]
         if trainer_config.get("enable_progress_bar") is not False:
+            # a live bar in a terminal; in logs (CI, `| tee`) one plain line per logging interval
             tty = sys.stdout.isatty()
-            callbacks.append(
-                RichProgressBar() if tty else TQDMProgressBar(refresh_rate=cfg.training.logging_steps)
-            )
+            callbacks.append(RichProgressBar() if tty else LogLineProgress(every=cfg.training.logging_steps))
         callbacks += [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         if trainer_config.get("logger") is not False:
             trainer_config["logger"] = self._loggers(cfg, output_dir)

@@ -111,3 +111,17 @@ def test_evaluate_takes_the_seeds_flags_and_reports_missing_checkpoints(tmp_path
         "evaluate", "--checkpoint_path", str(tmp_path), "--eval_data", str(demo_data / "val.jsonl")
     )
     assert_clean_failure(out, "--checkpoint_path", "neither a checkpoint folder")
+
+
+def test_progress_outside_a_terminal_is_plain_lines(tiny_model, demo_data, tmp_path, capsys):
+    config = base_config(tiny_model, demo_data, tmp_path / "run")
+    config["training"].update(max_steps=4, save_steps=4, logging_steps=2)
+    config["trainer"].pop("enable_progress_bar")
+    from qwen_cls.cli import run_lightning_cli
+
+    run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", config))])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 2/4 (50%)", "step 4/4 (100%)"]
+    assert "train/loss" in lines[0] and "steps/s" in lines[0] and "ETA" in lines[0]
+    assert "\r" not in out and "\x1b" not in out

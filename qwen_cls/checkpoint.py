@@ -9,8 +9,10 @@ is always whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import shutil
 import time
 from importlib import metadata
@@ -24,7 +26,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from qwen_cls.errors import ConfigError, DiskSpaceError
+from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 INFO_FILE = "training_info.json"
@@ -83,6 +85,15 @@ def checkpoint_bytes(net: torch.nn.Module) -> int:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+@contextlib.contextmanager
+def refuse_unsafe_checkpoint(what: str):
+    """torch.load(weights_only=True) refuses a checkpoint holding arbitrary objects; say so in one line."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{what} cannot be loaded safely: {str(e).splitlines()[0]}") from None
 
 
 def resume_state_path(checkpoint: str | Path, deepspeed: bool) -> str:

@@ -10,10 +10,8 @@ decides what the run really does, and the keys it overrode are printed.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-import pickle
 import re
 import shutil
 import sys
@@ -26,9 +24,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_only
 
-from qwen_cls.checkpoint import QwenCheckpoint, list_checkpoints, resume_state_path
+from qwen_cls.checkpoint import QwenCheckpoint, list_checkpoints, refuse_unsafe_checkpoint, resume_state_path
 from qwen_cls.config import (
     BestModelTrackingConfig,
     DatasetsConfig,
@@ -37,11 +34,11 @@ from qwen_cls.config import (
     WandbConfig,
 )
 from qwen_cls.data import QwenDataModule, export_demo_data
-from qwen_cls.errors import CheckpointError, ConfigError, QwenClsError
+from qwen_cls.errors import ConfigError, QwenClsError
 from qwen_cls.evaluate import evaluate, evaluate_all
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import LogLineProgress, wandb_online
+from qwen_cls.monitor import LogLineProgress, say, wandb_online
 from qwen_cls.policy import Resolution, resolve
 from qwen_cls.tiny import make_tiny
 
@@ -102,17 +99,6 @@ def redact_secrets(cfg, prefix: str = "") -> list[str]:
     return found
 
 
-@contextlib.contextmanager
-def refuse_unsafe_checkpoint(ckpt_path: str | None):
-    """torch.load(weights_only=True) refuses a checkpoint holding arbitrary objects; say so in one line."""
-    try:
-        yield
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"ckpt_path: {ckpt_path} cannot be loaded safely: {str(e).splitlines()[0]}"
-        ) from None
-
-
 def _check_writable(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -120,12 +106,6 @@ def _check_writable(output_dir: Path) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"training.output_dir: {output_dir} is not writable ({e.strerror})") from None
-
-
-@rank_zero_only
-def say(message: str) -> None:
-    """One line to the user on stdout, from rank 0 only."""
-    print(f"[qwen-cls] {message}", flush=True)
 
 
 class QwenCLI(LightningCLI):
@@ -239,7 +219,7 @@ class QwenCLI(LightningCLI):
     def fit(self, model, datamodule=None, **kwargs) -> None:
         # weights_only: a checkpoint file never runs code when it is loaded, whatever it contains
         kwargs = {**kwargs, "ckpt_path": self._ckpt_path, "weights_only": True}
-        with refuse_unsafe_checkpoint(self._ckpt_path):
+        with refuse_unsafe_checkpoint(f"ckpt_path: {self._ckpt_path}"):
             self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def after_fit(self) -> None:
@@ -270,7 +250,7 @@ class QwenCLI(LightningCLI):
 
     def validate(self, model, datamodule=None, **kwargs) -> None:
         kwargs = {**kwargs, "ckpt_path": self._ckpt_path, "weights_only": True}
-        with refuse_unsafe_checkpoint(self._ckpt_path):
+        with refuse_unsafe_checkpoint(f"ckpt_path: {self._ckpt_path}"):
             self.trainer.validate(model, datamodule=datamodule, **kwargs)
 
 

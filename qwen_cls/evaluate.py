@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +29,14 @@ from qwen_cls.checkpoint import (
     STATE_FILE,
     checkpoint_step,
     list_checkpoints,
+    refuse_unsafe_checkpoint,
 )
 from qwen_cls.config import DatasetConfig
 from qwen_cls.data import QwenDataModule
-from qwen_cls.errors import CheckpointError, ConfigError
+from qwen_cls.errors import ConfigError
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import wandb_online
+from qwen_cls.monitor import say, wandb_online
 
 DATA_KEYS = ("batch_size", "eval_batch_size", "num_workers", "min_pixels", "max_pixels", "prompt_template")
 CSV_FILE = "eval_all.csv"
@@ -99,7 +99,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         checkpoints = list_checkpoints(path)
         if checkpoints:
-            print(f"[qwen-cls] evaluating the newest checkpoint of {path}: {checkpoints[-1].name}")
+            say(f"evaluating the newest checkpoint of {path}: {checkpoints[-1].name}")
             return checkpoints[-1]
     raise ConfigError(
         f"--checkpoint_path: {path} is neither a checkpoint folder (with {HF_DIR}/) nor a run folder"
@@ -126,10 +126,8 @@ def load_module(checkpoint: Path, setup: EvalSetup) -> QwenClassifier:
 
 def load_state(path: Path) -> dict:
     """A Lightning checkpoint file, tensors and plain values only: a crafted pickle is refused, never run."""
-    try:
+    with refuse_unsafe_checkpoint(str(path)):
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
 
 
 def make_datamodule(
@@ -232,9 +230,7 @@ def evaluate_all(
             info = json.loads((ckpt / INFO_FILE).read_text())
             metrics = _validate(trainer, load_module(ckpt, setup), datamodule)
             rows.append({"step": checkpoint_step(ckpt), "checkpoint": ckpt.name, **metrics})
-            print(
-                f"[qwen-cls] {ckpt.name}: {setup.best_metric} = {metrics.get(setup.best_metric, float('nan')):.4f}"
-            )
+            say(f"{ckpt.name}: {setup.best_metric} = {metrics.get(setup.best_metric, float('nan')):.4f}")
             if wandb and info.get("wandb"):
                 logger = logger or _WandbHistory(info["wandb"])
                 logger.log(rows[-1]["step"], metrics)
@@ -243,7 +239,7 @@ def evaluate_all(
         if not watch or finished:
             break
         if timeout is not None and time.monotonic() - started > timeout:
-            print(f"[qwen-cls] stopped watching {run} after {timeout:.0f} s without its final checkpoint")
+            say(f"stopped watching {run} after {timeout:.0f} s without its final checkpoint")
             break
         time.sleep(poll_seconds)
     if logger is not None:
@@ -382,4 +378,4 @@ def _print_ranking(rows: list[dict[str, Any]], setup: EvalSetup) -> None:
             f"{row['overall_loss']:.4f}",
         )
     Console().print(table)
-    print(f"[qwen-cls] best checkpoint: {ranked[0]['checkpoint']} ({metric} = {ranked[0][metric]:.4f})")
+    say(f"best checkpoint: {ranked[0]['checkpoint']} ({metric} = {ranked[0][metric]:.4f})")

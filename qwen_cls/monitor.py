@@ -8,6 +8,13 @@ import os
 import time
 
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """One line to the user on stdout, from rank 0 only."""
+    print(f"[qwen-cls] {message}", flush=True)
 
 
 def wandb_online() -> bool:

@@ -4,7 +4,11 @@
    median of alternating repeated pairs;
 2. skip-evaluation speed-up: no-evaluation vs standard mode (full validation every `save_steps`),
    same steps and checkpoints, wall time of the fit;
-3. cost of keeping every checkpoint: save every `save_steps` vs only the final checkpoint.
+3. cost of keeping every checkpoint: training steps/s saving every `save_steps` vs saving nothing until
+   the end (the final save falls outside the timed steps);
+4. data path: images/s out of the training DataLoader (one process, and with the run's workers) vs the
+   images/s training consumes;
+5. what the run's own monitor logged (``perf/*`` in its metrics.csv) next to this script's timing.
 
 Uses the tiny Qwen2.5-VL and the MNIST demo data (built under outputs/ if missing).
 """
@@ -12,6 +16,7 @@ Uses the tiny Qwen2.5-VL and the MNIST demo data (built under outputs/ if missin
 from __future__ import annotations
 
 import argparse
+import csv
 import platform
 import statistics
 import tempfile
@@ -21,6 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 from bare_loop import bare_loop
+from data_path import data_path
 from lightning.pytorch import Callback
 from report import report
 
@@ -68,6 +74,15 @@ def run_fit(config: dict, workdir: Path, name: str) -> StepTimer:
         trainer_defaults={"callbacks": [timer]},
     )
     return timer
+
+
+def monitor_medians(run_dir: Path) -> dict[str, float]:
+    """Median over logging windows (the first left out: start-up) of what the monitor logged."""
+    (log,) = run_dir.glob("logs/version_*/metrics.csv")
+    with log.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("perf/samples_per_second")][1:]
+    keys = ("perf/samples_per_second", "perf/tokens_per_second", "perf/tflops", "perf/data_wait_fraction")
+    return {k: statistics.median(float(r[k]) for r in rows) for k in keys}
 
 
 def main() -> None:
@@ -124,6 +139,10 @@ def main() -> None:
             ratios.append(no_eval.steps_per_second / bare["steps_per_second"])
         std = run_fit(standard, work, "standard")
         final_only = run_fit(no_saving, work, "final_only")
+        monitored = monitor_medians(work / f"no_eval_{args.repeats - 1}")
+    train_images = no_eval.steps_per_second * args.batch_size
+    loader_one_process = data_path(str(model), str(data / "train.jsonl"), 40, args.batch_size, 0)
+    loader_workers = data_path(str(model), str(data / "train.jsonl"), 40, args.batch_size, 1)
 
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
@@ -136,8 +155,17 @@ def main() -> None:
         "no_eval_fit_s": round(no_eval.fit_seconds, 2),
         "standard_fit_s": round(std.fit_seconds, 2),
         "skip_eval_time_ratio": round(no_eval.fit_seconds / std.fit_seconds, 3),
-        "final_only_fit_s": round(final_only.fit_seconds, 2),
-        "keep_every_checkpoint_ratio": round(no_eval.fit_seconds / final_only.fit_seconds, 3),
+        "no_saving_steps_per_s": round(final_only.steps_per_second, 3),
+        "keep_every_checkpoint_time_ratio": round(final_only.steps_per_second / no_eval.steps_per_second, 3),
+        "training_images_per_s": round(train_images, 1),
+        "loader_images_per_s_one_process": round(loader_one_process, 1),
+        "loader_images_per_s_1_worker": round(loader_workers, 1),
+        "loader_headroom_1_worker": round(loader_workers / train_images, 2),
+        "monitor_samples_per_s": round(monitored["perf/samples_per_second"], 1),
+        "monitor_vs_bench_samples_ratio": round(monitored["perf/samples_per_second"] / train_images, 3),
+        "monitor_tokens_per_s": round(monitored["perf/tokens_per_second"], 0),
+        "monitor_tflops": round(monitored["perf/tflops"], 4),
+        "monitor_data_wait_fraction": round(monitored["perf/data_wait_fraction"], 3),
     }
     report(results, args.out)
 

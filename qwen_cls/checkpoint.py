@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import time
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +28,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
+from qwen_cls.monitor import describe_device
 
 CHECKPOINT_PREFIX = "checkpoint-"
 INFO_FILE = "training_info.json"
@@ -34,7 +36,43 @@ STATE_DIR = "deepspeed"
 STATE_FILE = "state.ckpt"
 HF_DIR = "hf_model"
 BEST_FILE = "best_checkpoint.json"
+RUNNING_FILE = ".qwen-cls-running.json"  # while a fit runs: its pid and host, for `qwen-cls report`
 _VERSIONED = ("torch", "lightning", "transformers", "deepspeed", "qwen-cls")
+
+
+@contextlib.contextmanager
+def marked_running(output_dir: str | Path, write: bool):
+    """Mark ``output_dir`` as being trained by this process until the block ends, however it ends; a
+    marker whose process is gone means the run was killed."""
+    marker = Path(output_dir) / RUNNING_FILE
+    if write:
+        marker.write_text(
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        )
+    try:
+        yield
+    finally:
+        if write:
+            marker.unlink(missing_ok=True)
+
+
+def run_status(output_dir: str | Path, checkpoints: list[Path]) -> str:
+    """``finished``, ``in progress`` or ``stopped`` (killed or crashed before its final checkpoint)."""
+    if checkpoints and json.loads((checkpoints[-1] / INFO_FILE).read_text()).get("final"):
+        return "finished"
+    marker = Path(output_dir) / RUNNING_FILE
+    if marker.is_file():
+        running = json.loads(marker.read_text())
+        if running["host"] != socket.gethostname():
+            return f"in progress on {running['host']} (or killed there)"
+        try:
+            os.kill(running["pid"], 0)
+            return "in progress"
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            return "in progress"
+    return "stopped"
 
 
 def library_versions() -> dict[str, str]:
@@ -57,20 +95,29 @@ def is_complete(path: Path) -> bool:
     return (path / INFO_FILE).is_file() and (path / HF_DIR).is_dir() and (path / STATE_DIR).exists()
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run, in step order; incomplete ones are skipped with a warning."""
-    found = []
-    for leftover in Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*.tmp"):
-        rank_zero_warn(f"skipping {leftover}: the temporary folder of a save that did not finish")
+def scan_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Complete checkpoint folders of a run in step order, and the incomplete ones with what is wrong."""
+    found, incomplete = [], []
+    for leftover in sorted(Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*.tmp")):
+        incomplete.append((leftover, "the temporary folder of a save that did not finish"))
     for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         step = checkpoint_step(path)
         if step is None or not path.is_dir():
             continue
         if not is_complete(path):
-            rank_zero_warn(f"skipping incomplete checkpoint folder {path}")
+            missing = [n for n in (INFO_FILE, HF_DIR, STATE_DIR) if not (path / n).exists()]
+            incomplete.append((path, f"incomplete checkpoint folder (no {', '.join(missing)})"))
             continue
         found.append((step, path))
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found)], incomplete
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, in step order; incomplete ones are skipped with a warning."""
+    complete, incomplete = scan_checkpoints(output_dir)
+    for path, why in incomplete:
+        rank_zero_warn(f"skipping {path}: {why}")
+    return complete
 
 
 def checkpoint_bytes(net: torch.nn.Module) -> int:
@@ -285,7 +332,9 @@ class QwenCheckpoint(ModelCheckpoint):
             "learning_rate": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
             "elapsed_seconds": round(self.elapsed_seconds(), 3),
             "final": self._at_train_end or trainer.global_step >= trainer.estimated_stepping_batches,
+            "total_steps": int(trainer.estimated_stepping_batches),
             "world_size": trainer.world_size,
+            "device": describe_device(module.device),
             "strategy": type(trainer.strategy).__name__,
             "precision": str(trainer.precision),
             "versions": library_versions(),

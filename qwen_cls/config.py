@@ -109,11 +109,42 @@ class TrainingConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The ``monitor:`` section: what is measured beside the loss (see :class:`qwen_cls.monitor.TrainingMonitor`).
+
+    Args:
+        system_every_n_steps: log ``system/*`` (GPU memory, NVML utilisation, host memory) every this many
+            optimizer steps, a multiple of ``training.logging_steps``; default: every logging step.
+        peak_tflops: the device's dense peak in TFLOP/s that ``perf/mfu`` divides by; default: looked up from
+            the GPU's name (dense bf16). Where none is known (CPU, unlisted GPUs) ``perf/mfu`` is not logged.
+        plots: redraw loss, lr, gradient-norm and throughput PNGs in ``output_dir/plots`` at each checkpoint
+            (rank 0, in a background thread) and at the end.
+    """
+
+    system_every_n_steps: int | None = None
+    peak_tflops: float | None = None
+    plots: bool = True
+
+
+@dataclass
 class WandbConfig:
-    """The ``wandb:`` section. The API key is read only from the environment or ``wandb login``."""
+    """The ``wandb:`` section. The API key is read only from the environment or ``wandb login``; without
+    one (or with ``WANDB_MODE=offline``) the run logs offline and ``wandb sync`` uploads it later.
+
+    Args:
+        enabled: log to W&B beside the local ``logs/version_N/metrics.csv`` (always written).
+        project: W&B project.
+        run_name: W&B run name; default: W&B's generated one.
+        entity: W&B team or user; default: the key's default entity.
+        tags: W&B run tags.
+        notes: W&B run notes.
+        log_dataset_metrics: also log training accuracy and loss per dataset.
+    """
 
     enabled: bool = False
     project: str = "qwen-cls"
     run_name: str | None = None
     entity: str | None = None
+    tags: list[str] | None = None
+    notes: str | None = None
     log_dataset_metrics: bool = False

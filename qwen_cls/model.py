@@ -240,6 +240,7 @@ class QwenClassifier(L.LightningModule):
         self.samples_seen = 0
         self.skipped_steps = 0
         self.skipped_images = 0  # unreadable images left out with data.on_bad_image: skip (this rank)
+        self._loss_sum, self._loss_count = 0.0, 0  # finite losses of the micro-batches of this optimizer step
 
     def configure_model(self) -> None:
         """Load weights lazily, once, so strategies (DeepSpeed ZeRO-3) can shape how the model is built."""
@@ -278,8 +279,8 @@ class QwenClassifier(L.LightningModule):
         if self.hparams.log_dataset_metrics:
             self._log_dataset_metrics(logits.detach(), batch, valid)
         self.samples_seen += batch_size * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        self._loss_sum, self._loss_count = self._loss_sum + loss.detach(), self._loss_count + 1
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True)
         self.log("train/epoch", float(self.current_epoch), on_step=True)
         # Lightning takes a logged "step" as the x-axis: the optimizer step this batch completes, the number
         # in the checkpoint names (its default is that number minus one)
@@ -315,7 +316,12 @@ class QwenClassifier(L.LightningModule):
                 self.log(f"train/{name}_loss", losses[rows].mean(), on_step=True, batch_size=n)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the global gradient norm before clipping, on logging steps only (it costs a pass over grads)."""
+        """Once per optimizer step, after all accumulated backward passes and before clipping: ``train/loss``
+        is the mean over the step's micro-batches; on logging steps the global gradient norm (before
+        clipping; it costs a pass over the gradients)."""
+        if self._loss_count:
+            self.log("train/loss", self._loss_sum / self._loss_count, prog_bar=True, on_step=True)
+            self._loss_sum, self._loss_count = 0.0, 0
         if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps:
             return
         norms = [p.grad.detach().float().norm() for p in self.net.parameters() if p.grad is not None]

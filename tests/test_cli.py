@@ -123,5 +123,6 @@ def test_progress_outside_a_terminal_is_plain_lines(tiny_model, demo_data, tmp_p
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert [line.split(" |")[0] for line in lines] == ["step 2/4 (50%)", "step 4/4 (100%)"]
-    assert "train/loss" in lines[0] and "steps/s" in lines[0] and "ETA" in lines[0]
+    assert all(f"| {key} " in lines[0] for key in ("loss", "lr", "samples/s")), lines[0]
+    assert "steps/s" in lines[0] and "ETA" in lines[0]
     assert "\r" not in out and "\x1b" not in out

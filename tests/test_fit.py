@@ -198,18 +198,6 @@ def test_resume_from_a_checkpoint_folder_continues_the_numbering(no_eval_run, tm
     assert (resumed / "logs" / "version_0" / "metrics.csv").read_text() == run_log(run).read_text()
 
 
-def test_per_dataset_training_metrics_and_offline_wandb(tiny_model, demo_data, tmp_path, capsys):
-    config = base_config(tiny_model, demo_data, tmp_path / "run")
-    config["wandb"] = {"enabled": True, "project": "qwen-cls-tests", "log_dataset_metrics": True}
-    path = write_config(tmp_path / "c.yaml", config, training={"max_steps": 4, "save_steps": 4})
-    run_lightning_cli(["fit", "--config", str(path)])
-    with run_log(tmp_path / "run").open() as fh:
-        columns = next(csv.reader(fh))
-    assert {"train/mnist_accuracy", "train/mnist_loss"} <= set(columns)
-    assert "logging offline" in capsys.readouterr().out
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-
-
 def test_validate_subcommand_restores_a_checkpoint_folder(no_eval_run, demo_data, tmp_path):
     """`qwen-cls validate --ckpt_path output_dir/checkpoint-12` evaluates those weights on all validation rows."""
     _, run = no_eval_run

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import qwen_cls.checkpoint as checkpoint_module
-from qwen_cls.checkpoint import QwenCheckpoint, list_checkpoints
+from qwen_cls.checkpoint import QwenCheckpoint, list_checkpoints, run_status
 from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.errors import CheckpointError
 from qwen_cls.evaluate import evaluate
 from qwen_cls.model import MODEL_INPUTS, QwenVLForImageClassification
+from qwen_cls.report import write_report
 from tests.conftest import base_config, start_qwen_cls, write_config
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B key, not a real one
@@ -236,10 +238,16 @@ def test_resume_after_sigkill_continues_exactly(tiny_model, demo_data, tmp_path)
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    running = run_status(tmp_path / "killed", list_checkpoints(tmp_path / "killed"))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "checkpoint-20").exists(), "the run finished before it could be killed"
+    assert running == "in progress"
+    # the metrics log on disk reaches the checkpoint (flushed when it was saved), so the report has curves
+    assert set(range(1, 10)) <= set(losses_by_step(tmp_path / "killed"))
+    report = write_report(str(tmp_path / "killed")).read_text()
+    assert "**Stopped before the end** (killed or crashed) at step 10 of 20" in report
 
     run_lightning_cli(["fit", "--config", str(killed_cfg), "--ckpt_path", "last"])
     straight, resumed = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "killed")
@@ -364,9 +372,16 @@ def test_two_datasets_train_with_label_smoothing_and_masking(tiny_model, demo_da
     config["loss"] = {"type": "label_smoothing", "smoothing": 0.1}
     config["data"]["train_jsonl"] = str(data)
     config["training"].update(max_steps=6, save_steps=6, logging_steps=1)
+    config["wandb"] = {"log_dataset_metrics": True}
     cli = run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", config))])
     losses = losses_by_step(tmp_path / "run")
     assert len(losses) == 6 and all(v == v and v < 10 for v in losses.values())  # finite, no inf or NaN
+    with Image.open(tmp_path / "run" / "plots" / "loss.png") as png:  # one line per dataset in the plot
+        assert json.loads(png.text["Description"])["points"] == {
+            "train/loss": 6,
+            "train/digits_loss": 6,
+            "train/mod3_loss": 6,
+        }
     batch = next(iter(cli.datamodule.train_dataloader()))
     with torch.no_grad():
         logits = cli.model.eval()(batch)

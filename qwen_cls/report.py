@@ -1,0 +1,245 @@
+"""``qwen-cls report RUN_DIR``: one Markdown page per run — what happened, its curves, its checkpoints and
+which one to use. Works on finished, running and killed runs; reads only what the run wrote."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qwen_cls.checkpoint import BEST_FILE, INFO_FILE, run_status, scan_checkpoints
+from qwen_cls.errors import ConfigError
+from qwen_cls.evaluate import CSV_FILE, PLOT_FILE, best_row
+from qwen_cls.monitor import say
+from qwen_cls.plots import PLOTS_DIR, plot_run, read_metrics
+
+EVAL_COLUMNS = (
+    ("overall_accuracy", "accuracy"),
+    ("overall_top5_accuracy", "top-5"),
+    ("overall_loss", "eval loss"),
+)
+
+
+def _duration(seconds: float | None) -> str:
+    return "?" if seconds is None else str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _size(path: Path) -> str:
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if total < 1024 or unit == "GiB":
+            return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"
+        total /= 1024
+    return ""
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def _eval_results(run: Path, infos: dict[int, dict]) -> tuple[dict[int, dict[str, float]], str]:
+    """Evaluation metrics per step: evaluate-all's CSV where present, else what training evaluated."""
+    if (run / CSV_FILE).is_file():
+        with (run / CSV_FILE).open() as fh:
+            rows = list(csv.DictReader(fh))
+        parsed = {
+            int(r["step"]): {k: float(v) for k, v in r.items() if k not in ("step", "checkpoint") and v}
+            for r in rows
+        }
+        return parsed, f"`qwen-cls evaluate-all` ({CSV_FILE})"
+    during = {step: info["eval_metrics"] for step, info in infos.items() if info.get("eval_metrics")}
+    return during, "evaluation during training"
+
+
+def _best(run: Path, results: dict[int, dict[str, float]], source: str) -> tuple[int | None, str]:
+    """The checkpoint to use and why, from the evaluations the run has."""
+    record = json.loads((run / BEST_FILE).read_text()) if (run / BEST_FILE).is_file() else {}
+    metric, mode = record.get("metric", "overall_accuracy"), record.get("mode", "max")
+    if results and any(metric in r for r in results.values()):
+        best = best_row([{"step": s, **r} for s, r in results.items()], metric, mode)
+        word = "highest" if mode == "max" else "lowest"
+        scored = sum(metric in r for r in results.values())
+        return best[
+            "step"
+        ], f"{word} {metric} ({best[metric]:.4f}) of {scored} evaluated checkpoints, from {source}"
+    if record:
+        return record[
+            "step"
+        ], f"{record['metric']} = {record['value']:.4f} ({record['mode']}), from {BEST_FILE}"
+    return None, ""
+
+
+def _medians(rows: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Median over logging windows, leaving out the first (start-up) when there are others."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[key] = statistics.median(values[1:] or values)
+    return out
+
+
+def write_report(run_dir: str, output: str | None = None) -> Path:
+    """Write a Markdown report of a run, with its training curves redrawn from the log beside it.
+
+    Args:
+        run_dir: the run's output_dir.
+        output: the Markdown file (default: RUN_DIR/report.md); the images are linked relative to it.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"run_dir: {run} is not a folder")
+    checkpoints, incomplete = scan_checkpoints(run)
+    metrics = read_metrics(run)
+    if not checkpoints and not metrics:
+        raise ConfigError(
+            f"run_dir: {run} holds neither a checkpoint nor a metrics log; is it a qwen-cls run?"
+        )
+    out = Path(output) if output else run / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    infos = {
+        int(json.loads((c / INFO_FILE).read_text())["step"]): json.loads((c / INFO_FILE).read_text())
+        for c in checkpoints
+    }
+    last = infos[max(infos)] if infos else {}
+    status = run_status(run, checkpoints)
+    plot_run(run, (last.get("config", {}).get("wandb") or {}).get("run_name"))
+    link = lambda p: Path(os.path.relpath(p, out.parent)).as_posix()  # noqa: E731
+
+    results, source = _eval_results(run, infos)
+    best_step, why = _best(run, results, source)
+    lines = [f"# Run report: {run.resolve().name}", ""]
+    planned = last.get("total_steps")
+    reached = max(infos) if infos else int(metrics[-1]["step"])
+    state = {
+        "finished": f"**Finished**: {reached} of {planned} optimizer steps.",
+        "in progress": f"**In progress**: {reached} of {planned or '?'} steps so far (the last checkpoint's).",
+        "stopped": (
+            f"**Stopped before the end** (killed or crashed) at step {reached} of {planned or '?'}; resume with "
+            "`qwen-cls fit --config <its config> --ckpt_path last`."
+        ),
+    }.get(status, f"**{status}**: {reached} steps so far.")
+    lines += [state, ""]
+
+    perf = _medians(
+        metrics,
+        (
+            "perf/samples_per_second",
+            "perf/tokens_per_second",
+            "perf/tflops",
+            "perf/mfu",
+            "perf/data_wait_fraction",
+        ),
+    )
+    summary = [
+        ["wall time (training)", _duration(last.get("elapsed_seconds"))],
+        ["samples seen", last.get("samples_seen", "?")],
+        [
+            "throughput (median)",
+            f"{perf['perf/samples_per_second']:.1f} samples/s, {perf['perf/tokens_per_second']:.0f} tokens/s"
+            if "perf/samples_per_second" in perf
+            else "not logged",
+        ],
+        [
+            "model TFLOP/s per device (median)",
+            f"{perf['perf/tflops']:.3g}" if "perf/tflops" in perf else "not logged",
+        ],
+        [
+            "MFU (median)",
+            f"{100 * perf['perf/mfu']:.1f}%"
+            if "perf/mfu" in perf
+            else "not logged (no peak known for the device; set monitor.peak_tflops)",
+        ],
+        [
+            "waiting for data (median)",
+            f"{100 * perf['perf/data_wait_fraction']:.1f}% of step time"
+            if "perf/data_wait_fraction" in perf
+            else "not logged",
+        ],
+        [
+            "best checkpoint",
+            f"checkpoint-{best_step}: {why}"
+            if best_step is not None
+            else "none named: no evaluation yet (`qwen-cls evaluate-all RUN_DIR --eval_data VAL.jsonl`)",
+        ],
+    ]
+    lines += ["## Summary", "", _table(["", ""], summary), ""]
+
+    lines += ["## Checkpoints", ""]
+    header = ["checkpoint", "step", "wall time", "size", "train loss"] + [name for _, name in EVAL_COLUMNS]
+    table = []
+    for step, info in sorted(infos.items()):
+        evaluated = results.get(step, {})
+        name = f"checkpoint-{step}" + (" **(best)**" if step == best_step else "")
+        table.append(
+            [
+                name,
+                step,
+                _duration(info.get("elapsed_seconds")),
+                _size(run / f"checkpoint-{step}"),
+                _fmt(info.get("train_loss")),
+            ]
+            + [_fmt(evaluated.get(key)) for key, _ in EVAL_COLUMNS]
+        )
+    lines += [_table(header, table) if table else "No complete checkpoint yet.", ""]
+    if results:
+        lines += [f"Evaluation metrics from {source}.", ""]
+    for path, reason in incomplete:
+        lines.append(f"- skipped `{path.name}`: {reason}")
+    lines += [""] if incomplete else []
+
+    lines += ["## Curves", ""]
+    for png, title in (
+        ("loss.png", "training loss"),
+        ("lr.png", "learning rate"),
+        ("grad_norm.png", "gradient norm"),
+        ("throughput.png", "throughput"),
+    ):
+        lines.append(f"![{title}]({link(run / PLOTS_DIR / png)})")
+    if (run / PLOT_FILE).is_file():
+        lines.append(f"![evaluation of every checkpoint]({link(run / PLOT_FILE)})")
+    lines.append("")
+
+    if last:
+        lines += ["## Configuration", ""]
+        overrides = last.get("overrides") or []
+        lines += (
+            ["Keys that `training.skip_evaluation` (the resolver) overrode:", ""]
+            if overrides
+            else ["The resolver overrode no key.", ""]
+        )
+        lines += [f"- {o}" for o in overrides] + ([""] if overrides else [])
+        lines += [
+            "<details><summary>resolved config</summary>",
+            "",
+            "```yaml",
+            yaml.safe_dump(last.get("config", {}), sort_keys=False).rstrip(),
+            "```",
+            "</details>",
+            "",
+        ]
+        lines += ["## Environment", ""]
+        env = [
+            ["device", last.get("device", "?")],
+            ["world size", last.get("world_size", "?")],
+            ["strategy", last.get("strategy", "?")],
+            ["precision", last.get("precision", "?")],
+        ] + [[name, version] for name, version in last.get("versions", {}).items()]
+        lines += [_table(["", ""], env), ""]
+    out.write_text("\n".join(lines))
+    say(
+        f"report: {out} ({status}; {len(checkpoints)} checkpoints{f', {len(incomplete)} incomplete skipped' if incomplete else ''})"
+    )
+    return out

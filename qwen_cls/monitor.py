@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import netrc
 import os
 import platform
@@ -23,6 +24,22 @@ from qwen_cls.errors import ConfigError
 def say(message: str) -> None:
     """One line to the user on stdout, from rank 0 only."""
     print(f"[qwen-cls] {message}", flush=True)
+
+
+def quiet_library_chatter() -> None:
+    """No transformers progress bars ("Loading weights", "Writing model shards") and no Lightning
+    advertisement in our output; warnings and errors still come through."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in lightning_info.filters):
+        lightning_info.addFilter(_NoAdverts())
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
 
 
 def wandb_online() -> bool:

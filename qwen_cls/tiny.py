@@ -20,6 +20,8 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from qwen_cls.monitor import quiet_library_chatter
+
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -131,6 +133,7 @@ def tiny_config(
 
 def make_tiny(output_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
     """Write a random tiny Qwen2.5-VL (model, config, processor, tokenizer) to ``output_dir``."""
+    quiet_library_chatter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from qwen_cls.cli import run_lightning_cli
-from qwen_cls.evaluate import evaluate_all
-from qwen_cls.report import write_report
+from qwen_cls.evaluation import evaluate_all
+from qwen_cls.reporting import write_report
 from tests.conftest import base_config, run_log, write_config
 
 PLOTS = ("loss.png", "lr.png", "grad_norm.png", "throughput.png")

@@ -20,9 +20,9 @@ import qwen_cls.checkpoint as checkpoint_module
 from qwen_cls.checkpoint import QwenCheckpoint, list_checkpoints, run_status
 from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.errors import CheckpointError
-from qwen_cls.evaluate import evaluate
+from qwen_cls.evaluation import evaluate
 from qwen_cls.model import MODEL_INPUTS, QwenVLForImageClassification
-from qwen_cls.report import write_report
+from qwen_cls.reporting import write_report
 from tests.conftest import base_config, start_qwen_cls, write_config
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B key, not a real one

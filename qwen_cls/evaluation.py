@@ -283,14 +283,14 @@ def _write_results(
 def _plot(
     path: Path, title: str, rows: list[dict[str, Any]], datasets: list[str], best: dict[str, Any]
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     steps = [r["step"] for r in rows]
     groups = ["overall"] + (datasets if len(datasets) > 1 else [])
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig = Figure(figsize=(11, 4.2), constrained_layout=True)  # no pyplot: a notebook's backend stays its own
+    FigureCanvasAgg(fig)
+    acc_ax, loss_ax = fig.subplots(1, 2)
     for group in groups:
         style = {"linewidth": 2.2} if group == "overall" else {"linewidth": 1.2, "alpha": 0.8}
         acc_ax.plot(
@@ -317,7 +317,6 @@ def _plot(
         ax.legend(fontsize=8)
     fig.suptitle(f"{title}: evaluation of every checkpoint")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 class _WandbHistory:

@@ -1,0 +1,193 @@
+"""Predictions from a trained checkpoint: :class:`Predictor` for Python, ``qwen-cls predict`` for files.
+
+The prompt, processor settings and logits masking come from the checkpoint's training config, and the
+module is loaded the way ``qwen-cls evaluate`` loads it, so a prediction is what evaluation scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from qwen_cls.checkpoint import HF_DIR, INFO_FILE
+from qwen_cls.errors import ConfigError, DataError
+from qwen_cls.evaluation import _processor_path, load_module, make_datamodule, read_setup, resolve_checkpoint
+from qwen_cls.losses import mask_logits
+from qwen_cls.model import MODEL_INPUTS
+from qwen_cls.monitor import quiet_library_chatter, say
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class Predictor:
+    """Top-k labels for images.
+
+    Args:
+        checkpoint_path: a ``checkpoint-<step>`` folder, its ``hf_model/``, or a run folder (its newest checkpoint).
+        config_path: the training YAML, where the checkpoint has no ``training_info.json`` beside it.
+        device: ``cuda``, ``cpu``, ...; default: the GPU when there is one.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(
+        self,
+        checkpoint_path: str | Path,
+        config_path: str | None = None,
+        device: str | None = None,
+        batch_size: int = 32,
+    ):
+        quiet_library_chatter()
+        path = Path(checkpoint_path)
+        if path.name == HF_DIR and (path.parent / INFO_FILE).is_file():
+            path = path.parent
+        self.checkpoint = resolve_checkpoint(path)
+        setup = read_setup(self.checkpoint, config_path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.module = load_module(self.checkpoint, setup)
+        self.module.configure_model()
+        self.module.eval().to(self.device)
+        datamodule = make_datamodule(setup, [], _processor_path(self.checkpoint, setup), batch_size)
+        self.collate = datamodule.collator()
+        self.dataset_names = list(setup.datasets) or ["default"]
+        self.batch_size = batch_size
+        self.id2label = {int(k): v for k, v in self.module.net.config.id2label.items()}
+
+    def _dataset_idx(self, dataset: str | None) -> int:
+        if dataset is None:
+            if len(self.dataset_names) > 1:
+                raise ConfigError(f"dataset: this model was trained on {self.dataset_names}; name one")
+            return 0
+        if dataset not in self.dataset_names:
+            raise ConfigError(f"dataset: {dataset!r} is not one of {self.dataset_names}")
+        return self.dataset_names.index(dataset)
+
+    @torch.inference_mode()
+    def predict(
+        self, images: Image.Image | str | Path | Iterable[Image.Image | str | Path], top_k: int = 5,
+        dataset: str | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """One dict per image, in order: ``labels`` (names from ``id2label``), ``indices`` and
+        ``probabilities`` of the top ``top_k`` classes; an image that cannot be read gets ``error`` instead.
+        ``dataset`` picks the prompt and class range of a multi-dataset model."""
+        if isinstance(images, Image.Image | str | Path):
+            images = [images]
+        items = [(img, self._dataset_idx(dataset)) for img in images]
+        return self.predict_items(items, top_k)
+
+    def predict_items(
+        self, items: list[tuple[Image.Image | str | Path, int]], top_k: int
+    ) -> list[dict[str, Any]]:
+        """Like :meth:`predict`, each image with its own dataset index."""
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            opened, rows = [], []
+            for image, dataset_idx in chunk:
+                row: dict[str, Any] = {"input": str(image) if isinstance(image, str | Path) else None}
+                try:
+                    opened.append((_open(image), -1, dataset_idx))
+                except (OSError, ValueError) as e:
+                    row["error"] = f"cannot read image: {e}"
+                rows.append(row)
+            if opened:
+                batch = self.collate(opened)
+                inputs = {k: batch[k].to(self.device) for k in (*MODEL_INPUTS, "dataset_idx") if k in batch}
+                logits = mask_logits(
+                    self.module(inputs).float(), self.module.valid_classes(inputs["dataset_idx"])
+                )
+                probs, indices = logits.softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+                readable = iter(zip(probs.tolist(), indices.tolist(), strict=True))
+                for row in rows:
+                    if "error" not in row:
+                        p, i = next(readable)
+                        row.update(labels=[self.id2label[j] for j in i], indices=i, probabilities=p)
+            results += rows
+        return results
+
+
+def _open(image: Image.Image | str | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
+def _inputs(path: Path) -> list[tuple[Path, str | None, dict[str, Any]]]:
+    """(image, dataset name or None, fields to carry over) for an image, a folder of images or a JSONL file."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return [(p, None, {}) for p in files]
+    if not path.is_file():
+        raise DataError(f"{path}: not found")
+    if path.suffix.lower() != ".jsonl":
+        return [(path, None, {})]
+    items = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image = Path(row["image_path"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: expected a JSON object with image_path ({e})") from None
+        carry = {k: row[k] for k in ("label", "dataset_name") if k in row}
+        items.append((image if image.is_absolute() else path.parent / image, row.get("dataset_name"), carry))
+    return items
+
+
+def predict(
+    checkpoint_path: str,
+    inputs: str,
+    top_k: int = 5,
+    output: str | None = None,
+    dataset: str | None = None,
+    batch_size: int = 32,
+    config_path: str | None = None,
+) -> int:
+    """Predict the top-k labels of images: one JSON line per image, to --output or stdout. Images that
+    cannot be read get a line with ``error`` and are counted; they do not stop the run.
+
+    Args:
+        checkpoint_path: a ``checkpoint-<step>`` folder, its ``hf_model/``, or a run folder (newest checkpoint).
+        inputs: an image, a folder of images (searched recursively), or a JSONL file with ``image_path``
+            (and optionally ``dataset_name``; ``label`` is copied to the output).
+        top_k: how many labels per image.
+        output: a JSONL file to write; default: stdout.
+        dataset: the dataset whose prompt to use for images that do not name one (needed for multi-dataset models).
+        batch_size: images per forward pass.
+        config_path: the training YAML, where the checkpoint has no training_info.json.
+    """
+    out = Path(output).open("w") if output else sys.stdout
+    with contextlib.redirect_stdout(
+        sys.stderr if out is sys.stdout else sys.stdout
+    ):  # stdout: JSON lines only
+        predictor = Predictor(checkpoint_path, config_path=config_path, batch_size=batch_size)
+        items = _inputs(Path(inputs))
+        indexed = [(image, predictor._dataset_idx(name or dataset)) for image, name, _ in items]
+        results = predictor.predict_items(indexed, top_k)
+    try:
+        for (_, _, carry), result in zip(items, results, strict=True):
+            out.write(json.dumps({**result, **carry}) + "\n")
+    finally:
+        if output:
+            out.close()
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"qwen-cls predict: {r['input']}: {r['error']}", file=sys.stderr)
+    summary = f"predicted {len(results) - len(failed)} images" + (
+        f", {len(failed)} unreadable" if failed else ""
+    )
+    if output:
+        say(f"{summary} -> {output}")
+    else:  # stdout carries the JSON lines
+        print(f"[qwen-cls] {summary}", file=sys.stderr)
+    return len(failed)

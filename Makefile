@@ -22,8 +22,8 @@ demo: setup
 	$(QWEN_CLS) make-tiny $(DEMO)/tiny-qwen2.5-vl
 	$(QWEN_CLS) demo-data $(DEMO)/mnist
 	$(QWEN_CLS) fit --config configs/demo.yaml --training.overwrite_output_dir true
-	$(QWEN_CLS) evaluate --checkpoint_path $(DEMO)/demo_run --eval_data $(DEMO)/mnist/val.jsonl \
-		--output $(DEMO)/demo_run/eval_last.json
+	$(QWEN_CLS) evaluate-all $(DEMO)/demo_run --eval_data $(DEMO)/mnist/val.jsonl
+	$(QWEN_CLS) report $(DEMO)/demo_run
 
 test: setup
 	$(PY) -m pytest -q

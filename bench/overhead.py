@@ -8,7 +8,8 @@
    the end (the final save falls outside the timed steps);
 4. data path: images/s out of the training DataLoader (one process, and with the run's workers) vs the
    images/s training consumes;
-5. what the run's own monitor logged (``perf/*`` in its metrics.csv) next to this script's timing.
+5. cost of redrawing the plots at each checkpoint: steps/s with ``monitor.plots`` on vs off;
+6. what the run's own monitor logged (``perf/*`` in its metrics.csv) next to this script's timing.
 
 Uses the tiny Qwen2.5-VL and the MNIST demo data (built under outputs/ if missing).
 """
@@ -128,6 +129,7 @@ def main() -> None:
         "trainer": {**config["trainer"], "num_sanity_val_steps": 0},
     }
     no_saving = {**config, "training": {**config["training"], "save_steps": args.steps * 10}}
+    no_plots = {**config, "monitor": {"plots": False}}
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -139,6 +141,7 @@ def main() -> None:
             ratios.append(no_eval.steps_per_second / bare["steps_per_second"])
         std = run_fit(standard, work, "standard")
         final_only = run_fit(no_saving, work, "final_only")
+        without_plots = run_fit(no_plots, work, "no_plots")
         monitored = monitor_medians(work / f"no_eval_{args.repeats - 1}")
     train_images = no_eval.steps_per_second * args.batch_size
     loader_one_process = data_path(str(model), str(data / "train.jsonl"), 40, args.batch_size, 0)
@@ -157,6 +160,8 @@ def main() -> None:
         "skip_eval_time_ratio": round(no_eval.fit_seconds / std.fit_seconds, 3),
         "no_saving_steps_per_s": round(final_only.steps_per_second, 3),
         "keep_every_checkpoint_time_ratio": round(final_only.steps_per_second / no_eval.steps_per_second, 3),
+        "no_plots_steps_per_s": round(without_plots.steps_per_second, 3),
+        "plots_time_ratio": round(without_plots.steps_per_second / no_eval.steps_per_second, 3),
         "training_images_per_s": round(train_images, 1),
         "loader_images_per_s_one_process": round(loader_one_process, 1),
         "loader_images_per_s_1_worker": round(loader_workers, 1),

@@ -1,13 +1,15 @@
 """qwen-cls: fine-tune Qwen2.5-VL as an image classifier with PyTorch Lightning.
 
-The Python API (``fit``, ``evaluate``, ``evaluate_all``, ``Predictor``, ``report``) is imported on first
-use, so ``import qwen_cls`` stays quick.
+Importing the package registers the classifier with transformers' Auto classes; the Python API
+(``fit``, ``evaluate``, ``evaluate_all``, ``Predictor``, ``report``) is imported on first use.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 from typing import Any
+
+from qwen_cls.model import QwenClassifier, QwenVLClassifierConfig, QwenVLForImageClassification
 
 __version__ = "0.1.0"
 
@@ -18,11 +20,8 @@ _EXPORTS = {
     "evaluate_all": "qwen_cls.api",
     "report": "qwen_cls.api",
     "Predictor": "qwen_cls.predict",
-    "QwenClassifier": "qwen_cls.model",
-    "QwenVLClassifierConfig": "qwen_cls.model",
-    "QwenVLForImageClassification": "qwen_cls.model",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["QwenClassifier", "QwenVLClassifierConfig", "QwenVLForImageClassification", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

@@ -134,3 +134,19 @@ def test_predict_command_takes_an_image_a_folder_or_jsonl_and_reports_unreadable
     capsys.readouterr()
     main(["predict", "--checkpoint_path", str(run_dir), "--inputs", str(images / "00001.png")])
     assert len(capsys.readouterr().out.splitlines()) == 1  # the JSON line alone: messages go to stderr
+
+
+def test_import_qwen_cls_registers_the_auto_classes(api_run):
+    _, _, (_, run_dir) = api_run
+    code = (
+        "import sys, qwen_cls\n"
+        "from transformers import AutoModelForImageClassification as Auto\n"
+        "model = Auto.from_pretrained(sys.argv[1])\n"
+        "print(type(model).__name__, model.config.num_labels)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir / "checkpoint-8" / "hf_model")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.split() == ["QwenVLForImageClassification", "10"], out.stderr[-2000:]

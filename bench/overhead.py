@@ -77,13 +77,18 @@ def run_fit(config: dict, workdir: Path, name: str) -> StepTimer:
     return timer
 
 
-def monitor_medians(run_dir: Path) -> dict[str, float]:
-    """Median over logging windows (the first left out: start-up) of what the monitor logged."""
+def monitor_summary(run_dir: Path) -> dict[str, float]:
+    """What the monitor logged, over its windows after the first (start-up): samples/s as total samples over
+    total time (comparable with this script's timing), the rest as medians."""
     (log,) = run_dir.glob("logs/version_*/metrics.csv")
     with log.open() as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("perf/samples_per_second")][1:]
-    keys = ("perf/samples_per_second", "perf/tokens_per_second", "perf/tflops", "perf/data_wait_fraction")
-    return {k: statistics.median(float(r[k]) for r in rows) for k in keys}
+    seconds = [float(r["perf/step_time"]) for r in rows]  # windows have the same number of steps
+    samples = [float(r["perf/samples_per_second"]) * t for r, t in zip(rows, seconds, strict=True)]
+    summary = {"perf/samples_per_second": sum(samples) / sum(seconds)}
+    for key in ("perf/tokens_per_second", "perf/tflops", "perf/data_wait_fraction"):
+        summary[key] = statistics.median(float(r[key]) for r in rows)
+    return summary
 
 
 def main() -> None:
@@ -131,43 +136,54 @@ def main() -> None:
     no_saving = {**config, "training": {**config["training"], "save_steps": args.steps * 10}}
     no_plots = {**config, "monitor": {"plots": False}}
 
+    variants = {"no_eval": config, "standard": standard, "no_saving": no_saving, "no_plots": no_plots}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        # alternating repeats: on a small shared machine one pair of runs differs by +-10% from the next
-        ratios = []
+        # every comparison in alternating repeats: on a small shared machine one run differs by +-10% from the
+        # next, so each ratio is taken within one repeat and the median over repeats is reported
+        runs: dict[str, list] = {"bare": [], **{name: [] for name in variants}}
         for i in range(args.repeats):
-            bare = bare_loop(str(model), str(data / "train.jsonl"), args.steps, args.batch_size, 1, 2e-3)
-            no_eval = run_fit(config, work, f"no_eval_{i}")
-            ratios.append(no_eval.steps_per_second / bare["steps_per_second"])
-        std = run_fit(standard, work, "standard")
-        final_only = run_fit(no_saving, work, "final_only")
-        without_plots = run_fit(no_plots, work, "no_plots")
-        monitored = monitor_medians(work / f"no_eval_{args.repeats - 1}")
-    train_images = no_eval.steps_per_second * args.batch_size
+            runs["bare"].append(
+                bare_loop(str(model), str(data / "train.jsonl"), args.steps, args.batch_size, 1, 2e-3)
+            )
+            for name, variant in variants.items():
+                runs[name].append(run_fit(variant, work, f"{name}_{i}"))
+        monitored = monitor_summary(work / f"no_eval_{args.repeats - 1}")
     loader_one_process = data_path(str(model), str(data / "train.jsonl"), 40, args.batch_size, 0)
     loader_workers = data_path(str(model), str(data / "train.jsonl"), 40, args.batch_size, 1)
 
+    def ratios(fn) -> str:
+        values = [fn(i) for i in range(args.repeats)]
+        return f"{statistics.median(values):.3f} (range {min(values):.3f}-{max(values):.3f})"
+
+    no_eval = runs["no_eval"]
+    rate = statistics.median(r.steps_per_second for r in no_eval)
+    train_images = rate * args.batch_size
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "bare_loop_steps_per_s": round(bare["steps_per_second"], 3),
-        "qwen_cls_steps_per_s": round(no_eval.steps_per_second, 3),
-        "framework_ratio_median": round(statistics.median(ratios), 3),
-        "framework_ratio_range": f"{min(ratios):.3f}-{max(ratios):.3f} over {args.repeats} alternating pairs",
-        "no_eval_fit_s": round(no_eval.fit_seconds, 2),
-        "standard_fit_s": round(std.fit_seconds, 2),
-        "skip_eval_time_ratio": round(no_eval.fit_seconds / std.fit_seconds, 3),
-        "no_saving_steps_per_s": round(final_only.steps_per_second, 3),
-        "keep_every_checkpoint_time_ratio": round(final_only.steps_per_second / no_eval.steps_per_second, 3),
-        "no_plots_steps_per_s": round(without_plots.steps_per_second, 3),
-        "plots_time_ratio": round(without_plots.steps_per_second / no_eval.steps_per_second, 3),
+        "repeats": args.repeats,
+        "bare_loop_steps_per_s": round(statistics.median(b["steps_per_second"] for b in runs["bare"]), 3),
+        "qwen_cls_steps_per_s": round(rate, 3),
+        "framework_ratio": ratios(
+            lambda i: no_eval[i].steps_per_second / runs["bare"][i]["steps_per_second"]
+        ),
+        "skip_eval_time_ratio": ratios(lambda i: no_eval[i].fit_seconds / runs["standard"][i].fit_seconds),
+        "keep_every_checkpoint_time_ratio": ratios(
+            lambda i: runs["no_saving"][i].steps_per_second / no_eval[i].steps_per_second
+        ),
+        "plots_time_ratio": ratios(
+            lambda i: runs["no_plots"][i].steps_per_second / no_eval[i].steps_per_second
+        ),
         "training_images_per_s": round(train_images, 1),
         "loader_images_per_s_one_process": round(loader_one_process, 1),
         "loader_images_per_s_1_worker": round(loader_workers, 1),
         "loader_headroom_1_worker": round(loader_workers / train_images, 2),
         "monitor_samples_per_s": round(monitored["perf/samples_per_second"], 1),
-        "monitor_vs_bench_samples_ratio": round(monitored["perf/samples_per_second"] / train_images, 3),
+        "monitor_vs_bench_samples_ratio": round(
+            monitored["perf/samples_per_second"] / (no_eval[-1].steps_per_second * args.batch_size), 3
+        ),
         "monitor_tokens_per_s": round(monitored["perf/tokens_per_second"], 0),
         "monitor_tflops": round(monitored["perf/tflops"], 4),
         "monitor_data_wait_fraction": round(monitored["perf/data_wait_fraction"], 3),

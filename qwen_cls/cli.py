@@ -45,8 +45,14 @@ from qwen_cls.errors import ConfigError, QwenClsError
 from qwen_cls.evaluation import evaluate, evaluate_all
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import LogLineProgress, TrainingMonitor, quiet_library_chatter, say, wandb_online
-from qwen_cls.plots import RunPlots
+from qwen_cls.monitor import (
+    LogLineProgress,
+    RunPlots,
+    TrainingMonitor,
+    quiet_library_chatter,
+    say,
+    wandb_online,
+)
 from qwen_cls.policy import Resolution, resolve
 from qwen_cls.predict import predict
 from qwen_cls.reporting import write_report

@@ -118,7 +118,7 @@ class MonitorConfig:
         peak_tflops: the device's dense peak in TFLOP/s that ``perf/mfu`` divides by; default: looked up from
             the GPU's name (dense bf16). Where none is known (CPU, unlisted GPUs) ``perf/mfu`` is not logged.
         plots: redraw loss, lr, gradient-norm and throughput PNGs in ``output_dir/plots`` at each checkpoint
-            (rank 0, in a background thread) and at the end.
+            (rank 0, in a low-priority process) and at the end.
     """
 
     system_every_n_steps: int | None = None

@@ -51,7 +51,7 @@ class EvalSetup:
     base_model: str
     datasets: dict[str, DatasetConfig]
     loss: LossConfig
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
     data: dict[str, Any] = field(default_factory=dict)
     best_metric: str = "overall_accuracy"
     best_mode: str = "max"
@@ -84,7 +84,7 @@ def read_setup(checkpoint: Path, config_path: str | None) -> EvalSetup:
         base_model=model.get("pretrained_name", ""),
         datasets=datasets,
         loss=loss,
-        attn_implementation=model.get("attn_implementation", "sdpa"),
+        attn_implementation=model.get("attn_implementation", "auto"),
         data={k: data[k] for k in DATA_KEYS if data.get(k) is not None},
         best_metric=best.get("metric", "overall_accuracy"),
         best_mode=best.get("mode", "max"),

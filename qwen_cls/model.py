@@ -8,9 +8,11 @@ loads it, and so does ``AutoModelForImageClassification`` once ``qwen_cls`` is i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
+from importlib.util import find_spec
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +35,7 @@ from qwen_cls.config import DatasetConfig
 from qwen_cls.errors import ConfigError, QwenClsError
 from qwen_cls.losses import LossConfig, classification_loss, mask_logits, validate_loss_config
 from qwen_cls.metrics import ClassificationMetrics
+from qwen_cls.monitor import say
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
@@ -111,6 +114,28 @@ def qwen_model_type(path: str | Path) -> str:
     return model_type
 
 
+ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
+
+
+def choose_attention(requested: str, cuda_capability: tuple[int, int] | None, flash_installed: bool) -> str:
+    """``auto``: FlashAttention-2 where the ``flash_attn`` package imports and the GPU is Ampere or newer
+    (compute capability 8.0+), else PyTorch's SDPA, else eager. An explicit choice that cannot run is an
+    error rather than a silent switch."""
+    if requested not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation: {requested!r}; choose one of {', '.join(ATTENTION)}")
+    flash_ok = flash_installed and cuda_capability is not None and cuda_capability >= (8, 0)
+    if requested == "flash_attention_2" and not flash_ok:
+        raise ConfigError(
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package and an Ampere or newer "
+            "GPU; use auto or sdpa"
+        )
+    if requested != "auto":
+        return requested
+    if flash_ok:
+        return "flash_attention_2"
+    return "sdpa" if hasattr(torch.nn.functional, "scaled_dot_product_attention") else "eager"
+
+
 def load_classifier(
     pretrained_name: str,
     num_labels: int,
@@ -172,6 +197,11 @@ def _dtype_for(name: str, precision: str | None) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+@functools.cache
+def _say_once(message: str) -> None:
+    say(message)
+
+
 class NonFiniteLossError(QwenClsError):
     """The loss went NaN or infinite; the message names the step and the batch's datasets."""
 
@@ -183,7 +213,9 @@ class QwenClassifier(L.LightningModule):
         pretrained_name: a local Qwen2.5-VL folder (any size), or a ``hf_model/`` saved by qwen-cls.
         num_labels: columns of the head; at least every dataset's ``num_classes``.
         torch_dtype: weight dtype: ``auto`` follows ``trainer.precision`` (fp32 unless ``bf16-true``/``16-true``).
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        attn_implementation: ``auto`` (FlashAttention-2 when installed and the GPU supports it, else ``sdpa``),
+            ``flash_attention_2``, ``sdpa`` or ``eager``; the choice is logged once.
+        freeze_vision: keep the vision tower's weights fixed (only the language model and the head train).
         loss: linked from the ``loss:`` section.
         dataset_configs: linked from ``datasets.dataset_configs``.
         enable_logits_masking: linked from ``datasets.enable_logits_masking``.
@@ -201,7 +233,8 @@ class QwenClassifier(L.LightningModule):
         pretrained_name: str,
         num_labels: int,
         torch_dtype: str = "auto",
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
+        freeze_vision: bool = False,
         loss: LossConfig | None = None,
         dataset_configs: dict[str, DatasetConfig] | None = None,
         enable_logits_masking: bool = True,
@@ -219,6 +252,10 @@ class QwenClassifier(L.LightningModule):
         if torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(
                 f"model.torch_dtype: {torch_dtype!r}; choose auto, float32, bfloat16 or float16"
+            )
+        if attn_implementation not in ATTENTION:
+            raise ConfigError(
+                f"model.attn_implementation: {attn_implementation!r}; choose one of {', '.join(ATTENTION)}"
             )
         if on_nonfinite_loss not in ("error", "skip_step"):
             raise ConfigError(f"training.on_nonfinite_loss: {on_nonfinite_loss!r}; choose error or skip_step")
@@ -250,9 +287,16 @@ class QwenClassifier(L.LightningModule):
         hp = self.hparams
         head = "cosine" if self.loss_config.type == "arcface" else "linear"
         dtype = _dtype_for(hp.torch_dtype, precision)
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        attention = choose_attention(hp.attn_implementation, capability, find_spec("flash_attn") is not None)
+        if hp.attn_implementation == "auto":
+            _say_once(f"attention: {attention} (model.attn_implementation: auto, on {device.type})")
         self.net = load_classifier(
-            hp.pretrained_name, hp.num_labels, dtype, hp.attn_implementation, head, self.loss_config.scale
+            hp.pretrained_name, hp.num_labels, dtype, attention, head, self.loss_config.scale
         ).train()  # from_pretrained returns eval mode; Lightning switches to eval for validation itself
+        if hp.freeze_vision:
+            self.net.model.visual.requires_grad_(False)
         if hp.gradient_checkpointing:
             self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -280,11 +324,16 @@ class QwenClassifier(L.LightningModule):
             self._log_dataset_metrics(logits.detach(), batch, valid)
         self.samples_seen += batch_size * self.trainer.world_size
         self._loss_sum, self._loss_count = self._loss_sum + loss.detach(), self._loss_count + 1
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True)
-        self.log("train/epoch", float(self.current_epoch), on_step=True)
+        step = self.trainer.global_step + 1
+        if step % self.trainer.log_every_n_steps == 0 or step >= self.trainer.max_steps > 0:
+            # only where Lightning hands metrics to the loggers: each log call costs (~0.1 ms)
+            self.log(
+                "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True
+            )
+            self.log("train/epoch", float(self.current_epoch), on_step=True)
         # Lightning takes a logged "step" as the x-axis: the optimizer step this batch completes, the number
         # in the checkpoint names (its default is that number minus one)
-        self.log("step", float(self.trainer.global_step + 1), on_step=True, on_epoch=False)
+        self.log("step", float(step), on_step=True, on_epoch=False)
         return loss
 
     def _loss_is_finite(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> bool:
@@ -320,7 +369,8 @@ class QwenClassifier(L.LightningModule):
         is the mean over the step's micro-batches; on logging steps the global gradient norm (before
         clipping; it costs a pass over the gradients)."""
         if self._loss_count:
-            self.log("train/loss", self._loss_sum / self._loss_count, prog_bar=True, on_step=True)
+            mean = self._loss_sum / self._loss_count  # the mean over all ranks (one scalar all-reduce)
+            self.log("train/loss", mean, prog_bar=True, on_step=True, sync_dist=True)
             self._loss_sum, self._loss_count = 0.0, 0
         if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps:
             return

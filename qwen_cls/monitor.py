@@ -7,7 +7,11 @@ import logging
 import netrc
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -15,8 +19,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.profilers import Profiler
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from qwen_cls import plots
 from qwen_cls.errors import ConfigError
 
 
@@ -171,15 +176,14 @@ def text_flops(tc, seq_lens: torch.Tensor) -> torch.Tensor:
     return per_token * lens.sum() + 4 * layers * h * (lens**2).sum()
 
 
-def forward_flops(config, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward FLOPs of the classifier on one batch as it really is: its images' patches, its sequences'
-    real lengths (visual + text tokens, no padding), the pooled head. A tensor on the batch's device, so
+def forward_flops(config, seq_lens: torch.Tensor, grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """Forward FLOPs of the classifier on sequences as they really are: their images' patch grids, their
+    real lengths (visual + text tokens, no padding), the pooled head. A tensor on the inputs' device, so
     counting never waits for the accelerator."""
-    rows = batch["attention_mask"].shape[0]
-    flops = text_flops(config.text_config, batch["attention_mask"].sum(-1))
-    flops = flops + 2 * rows * config.text_config.hidden_size * config.num_labels
-    if "image_grid_thw" in batch:
-        flops = flops + vision_flops(config.vision_config, batch["image_grid_thw"])
+    hidden = config.text_config.hidden_size
+    flops = text_flops(config.text_config, seq_lens) + 2 * seq_lens.numel() * hidden * config.num_labels
+    if grid_thw is not None and grid_thw.numel():
+        flops = flops + vision_flops(config.vision_config, grid_thw)
     return flops
 
 
@@ -268,7 +272,10 @@ class TrainingMonitor(Callback):
         self._excluded = 0.0
         self._fetch_start = self.clock.seconds if self.clock else 0.0
         self._steps = 0
-        self._sums = None  # samples, tokens, forward FLOPs of this rank, on the device
+        self._lengths: list[
+            torch.Tensor
+        ] = []  # this rank's real sequence lengths in the window, on the device
+        self._grids: list[torch.Tensor] = []  # and its images' patch grids
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._validation_start = time.perf_counter()
@@ -278,15 +285,9 @@ class TrainingMonitor(Callback):
             self._excluded += time.perf_counter() - self._validation_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        mask = batch["attention_mask"]
-        counts = torch.stack(
-            [
-                torch.tensor(mask.shape[0], dtype=torch.float64, device=mask.device),
-                mask.sum().to(torch.float64),
-                forward_flops(pl_module.net.config, batch),
-            ]
-        )
-        self._sums = counts if self._sums is None else self._sums + counts
+        self._lengths.append(batch["attention_mask"].sum(-1))  # counted once per window, in _perf
+        if "image_grid_thw" in batch:
+            self._grids.append(batch["image_grid_thw"])
         if trainer.global_step == self._last_step:
             return  # accumulating gradients: the optimizer step is not done yet
         self._steps += trainer.global_step - self._last_step
@@ -299,7 +300,13 @@ class TrainingMonitor(Callback):
 
     def _perf(self, trainer) -> dict[str, float]:
         seconds = max(time.perf_counter() - self._window_start - self._excluded, 1e-9)
-        samples, tokens, flops = trainer.strategy.reduce(self._sums, reduce_op="sum").tolist()
+        lengths = torch.cat(self._lengths)
+        flops = forward_flops(
+            trainer.lightning_module.net.config, lengths, torch.cat(self._grids) if self._grids else None
+        )
+        counts = torch.stack([torch.tensor(float(lengths.numel()), device=lengths.device, dtype=torch.float64),
+                              lengths.sum().to(torch.float64), flops.to(torch.float64)])  # fmt: skip
+        samples, tokens, flops = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         model_flops = 3 * flops / seconds / trainer.world_size  # per device
         metrics = {
             "perf/samples_per_second": samples / seconds,
@@ -328,3 +335,66 @@ def system_metrics(device: torch.device) -> dict[str, float]:
         except Exception:  # no NVML library or driver support: memory is still logged
             pass
     return metrics
+
+
+class RunPlots(Callback):
+    """Redraw ``output_dir/plots`` at each checkpoint, on rank 0, in a separate low-priority process
+    (``nice 19``: on a busy machine training keeps its cores, and no interpreter lock is shared), so
+    training never waits; a redraw asked for while one runs is folded into the next. Once more, in this
+    process, at the end."""
+
+    def __init__(self, output_dir: str | Path, run_name: str | None = None):
+        self.output_dir = Path(output_dir)
+        self.run_name = run_name
+        self._proc: subprocess.Popen | None = None
+        self._errors = None
+        self._pending = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:  # the log on disk reaches this checkpoint, even if the run is killed
+            logger.save()
+        if self._busy():
+            self._pending = True
+            return
+        self._start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._pending and trainer.is_global_zero and not self._busy():
+            self._start()
+
+    def _busy(self) -> bool:
+        if self._proc is None or self._proc.poll() is None:
+            return self._proc is not None
+        if self._proc.returncode:  # say why once, then go on training
+            self._errors.seek(0)
+            last = (self._errors.read().decode(errors="replace").strip().splitlines() or ["?"])[-1]
+            rank_zero_warn(f"plots in {self.output_dir / plots.PLOTS_DIR} not redrawn: {last}")
+        self._errors.close()
+        self._proc = None
+        return False
+
+    def _start(self) -> None:
+        self._pending = False
+        self._errors = tempfile.TemporaryFile()
+        command = [sys.executable, plots.__file__, str(self.output_dir)]  # no torch import: light
+        self._proc = subprocess.Popen(
+            command + (["--run_name", self.run_name] if self.run_name else []),
+            stdout=subprocess.DEVNULL,
+            stderr=self._errors,
+            preexec_fn=(lambda: os.nice(19)) if hasattr(os, "nice") else None,
+        )
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._proc is not None:
+            self._proc.wait()
+            self._busy()
+        for logger in trainer.loggers:
+            logger.save()
+        try:
+            plots.plot_run(self.output_dir, self.run_name)
+        except Exception as e:  # a plot is never worth a training run
+            rank_zero_warn(f"plots in {self.output_dir / plots.PLOTS_DIR} not drawn: {type(e).__name__}: {e}")

@@ -1,20 +1,19 @@
 """Training curves as PNGs beside the checkpoints (``output_dir/plots/``), drawn from the local metrics log.
 
-Matplotlib's object API on the Agg canvas (no display, no pyplot state), so a background thread can draw
-while training goes on. Each PNG carries the number of points of each line in its metadata, so what was
+Matplotlib's object API on the Agg canvas (no display, no pyplot state). This module imports neither
+torch nor Lightning, so during training :class:`qwen_cls.monitor.RunPlots` runs it as a light script in
+a low-priority process. Each PNG carries the number of points of each line in its metadata, so what was
 drawn can be checked against the log.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
-import threading
 from pathlib import Path
 
-from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -132,49 +131,9 @@ def plot_run(run_dir: str | Path, run_name: str | None = None) -> dict[str, dict
     return drawn
 
 
-class RunPlots(Callback):
-    """Redraw ``output_dir/plots`` at each checkpoint, on rank 0, in one background thread: training does
-    not wait, and requests that arrive while a redraw runs fold into the next one. Once more at the end."""
-
-    def __init__(self, output_dir: str | Path, run_name: str | None = None):
-        self.output_dir = Path(output_dir)
-        self.run_name = run_name
-        self._worker: threading.Thread | None = None
-        self._wanted = threading.Event()
-        self._stop = False
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:  # the log on disk reaches this checkpoint, even if the run is killed
-            logger.save()
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._loop, name="qwen-cls-plots", daemon=True)
-            self._worker.start()
-        self._wanted.set()
-
-    def _loop(self) -> None:
-        while True:
-            self._wanted.wait()
-            self._wanted.clear()
-            if self._stop:
-                return
-            self._draw()
-
-    def _draw(self) -> None:
-        try:
-            plot_run(self.output_dir, self.run_name)
-        except Exception as e:  # a plot is never worth a training run
-            rank_zero_warn(f"plots in {self.output_dir / PLOTS_DIR} not drawn: {type(e).__name__}: {e}")
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        if self._worker is not None:
-            self._stop = True
-            self._wanted.set()
-            self._worker.join()
-            self._worker, self._stop = None, False
-        for logger in trainer.loggers:
-            logger.save()
-        self._draw()
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Draw a run's training curves into RUN_DIR/plots.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--run_name")
+    args = parser.parse_args()
+    plot_run(args.run_dir, args.run_name)

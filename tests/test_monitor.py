@@ -73,7 +73,8 @@ def wide_batch(tiny_model):
 def test_flops_agree_with_torch_flop_counter(tiny_model, wide_batch):
     assert wide_batch["image_grid_thw"].tolist() == [[1, 12, 20]] * 2
     model = load_classifier(str(tiny_model), 10, torch.float32, "eager")  # attention as countable matmuls
-    estimate = float(forward_flops(model.config, wide_batch))
+    lengths = wide_batch["attention_mask"].sum(-1)
+    estimate = float(forward_flops(model.config, lengths, wide_batch["image_grid_thw"]))
     with FlopCounterMode(display=False) as forward:
         model(**wide_batch)
     assert estimate == pytest.approx(forward.get_total_flops(), rel=0.02)

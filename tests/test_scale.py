@@ -56,7 +56,8 @@ def test_two_process_ddp_fit_equals_one_process_with_the_same_global_batch(tiny_
     w1 = load_file(tmp_path / "single" / "checkpoint-6" / "hf_model" / "model.safetensors")
     w2 = load_file(run / "checkpoint-6" / "hf_model" / "model.safetensors")
     assert w1.keys() == w2.keys()
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1), "DDP diverged from one process"
+    # float reduction order differs; Adam turns that into ~1e-5 on near-zero-gradient biases (measured 1.1e-5)
+    assert all(torch.allclose(w1[k], w2[k], atol=5e-5) for k in w1), "DDP diverged from one process"
 
 
 @pytest.mark.parametrize(
@@ -90,13 +91,17 @@ def test_freeze_vision_trains_everything_but_the_vision_tower(tiny_model, demo_d
     config["training"].update(max_steps=3, save_steps=3)
     run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", config))])
 
-    def by_part(weights: dict, part: str) -> dict:
-        return {k.split(part, 1)[1]: v for k, v in weights.items() if part in k}
+    def by_part(weights: dict, visual: bool) -> dict:  # keyed by the name inside the part (layouts differ)
+        return {
+            k.split("visual.", 1)[1] if visual else k.rsplit("layers.", 1)[1]: v
+            for k, v in weights.items()
+            if ("visual." in k) == visual and (visual or "layers." in k)
+        }
 
     before = load_file(tiny_model / "model.safetensors")
     after = load_file(tmp_path / "run" / "checkpoint-3" / "hf_model" / "model.safetensors")
-    for part, trained in (("visual.", False), ("language_model.", True)):
-        old, new = by_part(before, part), by_part(after, part)
-        assert old.keys() == new.keys() and old, part
+    for visual, trained in ((True, False), (False, True)):
+        old, new = by_part(before, visual), by_part(after, visual)
+        assert old.keys() == new.keys() and old, visual
         changed = [k for k in old if not torch.equal(old[k], new[k])]
-        assert bool(changed) is trained, part
+        assert bool(changed) is trained, visual

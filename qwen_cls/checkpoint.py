@@ -10,6 +10,7 @@ is always whole.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -22,13 +23,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
 from qwen_cls.monitor import describe_device
+from qwen_cls.strategy import gathered_state_dict, load_into_partitions, zero_stage_3
 
 CHECKPOINT_PREFIX = "checkpoint-"
 INFO_FILE = "training_info.json"
@@ -124,9 +126,13 @@ def checkpoint_bytes(net: torch.nn.Module) -> int:
     """Estimated size of one checkpoint folder: ``hf_model/`` (weights in their dtype) plus the resumable
     state (weights, AdamW's two fp32 moments, an fp32 master copy when the weights are not fp32). Under
     DeepSpeed the state is split into one shard per rank; the total in output_dir is the same."""
-    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+
+    def numel(p: torch.Tensor) -> int:  # a ZeRO-3 partition's placeholder is empty; ds_numel is the whole
+        return getattr(p, "ds_numel", p.numel())
+
+    weights = sum(numel(p) * p.element_size() for p in net.parameters())
     trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = sum(p.numel() * (8 if p.dtype == torch.float32 else 12) for p in trainable)
+    optimizer = sum(numel(p) * (8 if p.dtype == torch.float32 else 12) for p in trainable)
     return 2 * weights + optimizer
 
 
@@ -141,6 +147,20 @@ def refuse_unsafe_checkpoint(what: str):
         yield
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{what} cannot be loaded safely: {str(e).splitlines()[0]}") from None
+
+
+def zero_weights(checkpoint: str | Path) -> dict[str, Any]:
+    """The fp32 weights in a checkpoint's sharded DeepSpeed state, keyed like the classifier's parameters;
+    lazy: DeepSpeed's ``zero_to_fp32`` reads each tensor from the shards (memory-mapped) when it is used."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state_dir = Path(checkpoint) / STATE_DIR
+    if not (state_dir / "latest").is_file():
+        raise CheckpointError(f"{checkpoint}: no DeepSpeed state in {STATE_DIR}/ (it holds no 'latest' file)")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+        state = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), lazy_mode=True)
+    names = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    return {k.removeprefix("net."): v for k, v in names.items() if k.startswith("net.")}
 
 
 def resume_state_path(checkpoint: str | Path, deepspeed: bool) -> str:
@@ -238,8 +258,11 @@ class QwenCheckpoint(ModelCheckpoint):
         loss = trainer.strategy.reduce(
             torch.tensor(self._loss_sum / max(self._loss_count, 1)), reduce_op="mean"
         )
+        weights = None
+        if zero_stage_3(trainer.strategy):  # every rank takes part in gathering the partitions
+            weights = gathered_state_dict(trainer.lightning_module.net, keep=trainer.is_global_zero)
         if trainer.is_global_zero:
-            self._write_hf_model(trainer, tmp / HF_DIR)
+            self._write_hf_model(trainer, tmp / HF_DIR, weights)
             self._write_info(trainer, tmp / INFO_FILE, float(loss) if self._loss_count else None)
             if final.exists():
                 shutil.rmtree(final)
@@ -314,8 +337,8 @@ class QwenCheckpoint(ModelCheckpoint):
             shutil.rmtree(filepath)
 
     @staticmethod
-    def _write_hf_model(trainer: L.Trainer, path: Path) -> None:
-        trainer.lightning_module.net.save_pretrained(path)
+    def _write_hf_model(trainer: L.Trainer, path: Path, weights: dict[str, torch.Tensor] | None) -> None:
+        trainer.lightning_module.net.save_pretrained(path, state_dict=weights)
         processor = getattr(trainer.datamodule, "processor", None)
         if processor is not None:
             processor.save_pretrained(path)
@@ -363,3 +386,23 @@ class QwenCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
         self._elapsed_before = state_dict.get("elapsed_seconds", 0.0)
         self._saved = list(state_dict.get("saved", []))
+
+
+def load_zero3_weights(trainer: L.Trainer, checkpoint: str | Path) -> None:
+    """A checkpoint's weights into the ZeRO-3 partitioned module, every rank taking part. DeepSpeed's own
+    loader fails for a module set up for evaluation (``'DeepSpeedZeRoOffload' object has no attribute
+    '_restore_from_bit16_weights'``, deepspeedai/DeepSpeed#7272); global rank 0 reads the consolidated
+    weights from the shards instead, one tensor at a time."""
+    weights = zero_weights(checkpoint) if trainer.is_global_zero else None
+    load_into_partitions(trainer.lightning_module.net, weights)
+
+
+class LoadZero3Weights(Callback):
+    """``qwen-cls validate --ckpt_path`` on a ZeRO-3 run: the checkpoint's weights, loaded as the strategy
+    cannot (see :func:`load_zero3_weights`), once the module is partitioned and before validating."""
+
+    def __init__(self, checkpoint: str | Path):
+        self.checkpoint = checkpoint
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        load_zero3_weights(trainer, self.checkpoint)

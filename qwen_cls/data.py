@@ -10,7 +10,7 @@ import gzip
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,14 +140,16 @@ class ResumableSampler(DistributedSampler):
     middle of an epoch, first skips the rows that epoch had already trained on, so the data order
     continues exactly. Its length stays the full epoch's: the learning-rate schedule depends on it."""
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, skip: int = 0):
+    def __init__(
+        self, dataset: Dataset, num_replicas: int, rank: int, seed: int, take_skip: Callable[[], int] = int
+    ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip = skip
+        self.take_skip = take_skip
 
     def __iter__(self):
-        indices = list(super().__iter__())
-        skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
+        # asked when iteration starts, not when the loader is built: DeepSpeed restores a checkpoint after
+        # the loader exists (the LR schedule's length needed it)
+        return iter(list(super().__iter__())[self.take_skip() :])
 
 
 class Collator:
@@ -295,13 +297,19 @@ class QwenDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = ImageRowsDataset(self.train_rows, self.on_bad_image)
         world_size, rank = self._world()
-        skip, self._resume_skip_batches = self._resume_skip_batches * self.batch_size, 0
-        sampler = ResumableSampler(dataset, world_size, rank, seed=self.seed, skip=skip)
+        sampler = ResumableSampler(
+            dataset, world_size, rank, seed=self.seed, take_skip=self._take_resume_skip
+        )
         return self._loader(dataset, self.batch_size, sampler)
+
+    def _take_resume_skip(self) -> int:
+        """Rows of this rank's share the interrupted epoch had trained on; once, for the first epoch iterated."""
+        skip, self._resume_skip_batches = self._resume_skip_batches * self.batch_size, 0
+        return skip
 
     def state_dict(self) -> dict[str, int]:
         """Batches of the current epoch already trained on, so a resume continues the data order exactly."""
-        if self.trainer is None or not self.trainer.training:
+        if self.trainer is None or self.trainer.state.fn != "fit":  # also mid-fit, in a validation's save
             return {}
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch_batches_done": done if done < self.trainer.num_training_batches else 0}

@@ -113,10 +113,14 @@ def load_module(checkpoint: Path, setup: EvalSetup) -> QwenClassifier:
     kwargs["attn_implementation"] = setup.attn_implementation
     if hf_dir.is_dir():
         return QwenClassifier(pretrained_name=str(hf_dir), **kwargs)
+    if (checkpoint / STATE_DIR / "latest").is_file():
+        raise ConfigError(
+            f"--checkpoint_path: {checkpoint} has no {HF_DIR}/, only DeepSpeed shards in {STATE_DIR}/; rebuild it "
+            f"with: qwen-cls export --checkpoint_path {checkpoint}"
+        )
     if not state.is_file():
         raise ConfigError(
-            f"--checkpoint_path: {checkpoint} has neither {HF_DIR}/ nor {STATE_DIR}/{STATE_FILE} "
-            "(a sharded DeepSpeed state needs its hf_model/ exported first)"
+            f"--checkpoint_path: {checkpoint} has neither {HF_DIR}/ nor {STATE_DIR}/{STATE_FILE}"
         )
     module = QwenClassifier(pretrained_name=setup.base_model, **kwargs)
     module.configure_model()

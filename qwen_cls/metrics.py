@@ -33,7 +33,7 @@ class ClassificationMetrics(Metric):
             (self.loss_sum, losses.detach().double()),
             (self.count, torch.ones_like(hit1)),
         ):
-            state.index_add_(0, dataset_idx, values)
+            state.index_add_(0, dataset_idx, values.to(state.dtype))  # DeepSpeed may have cast the states
 
     def compute(self) -> dict[str, float]:
         """Flat dict: ``overall_accuracy``, ``overall_top5_accuracy``, ``overall_loss``, ``overall_samples``

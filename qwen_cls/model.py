@@ -8,6 +8,7 @@ loads it, and so does ``AutoModelForImageClassification`` once ``qwen_cls`` is i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -36,6 +37,7 @@ from qwen_cls.errors import ConfigError, QwenClsError
 from qwen_cls.losses import LossConfig, classification_loss, mask_logits, validate_loss_config
 from qwen_cls.metrics import ClassificationMetrics
 from qwen_cls.monitor import say
+from qwen_cls.strategy import make_adamw, zero_stage_3
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
@@ -161,6 +163,7 @@ def load_classifier(
                 f"{model.config.classifier_head} head (arcface trains a cosine head; the other losses a linear one)"
             )
         return model
+    head_seed = int(torch.randint(0, 2**31 - 1, ()))  # before loading, whose path may draw from the RNG
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the LM head is "unexpected" by design; missing keys are checked below
     try:
@@ -174,21 +177,50 @@ def load_classifier(
         raise ConfigError(
             f"model.pretrained_name: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}"
         )
+    config = classifier_config(backbone.config, num_labels, classifier_head, cosine_scale)
+    model = QwenVLForImageClassification(config, backbone=backbone)
+    init_head(model.score, config, head_seed)
+    if not hasattr(model.score.weight, "ds_id"):  # a ZeRO-3 partition: DeepSpeed owns its dtype
+        model.score.to(dtype)
+    return model
+
+
+def init_head(score: nn.Linear, config: QwenVLClassifierConfig, seed: int) -> None:
+    """A new head, N(0, initializer_range) with zero bias as transformers initialises a Linear, from its own
+    seeded generator: the same head whether the backbone was loaded whole or into ZeRO-3 partitions (which
+    draw differently from the global RNG, and whose post_init saw empty placeholders)."""
+    std = getattr(config, "initializer_range", None) or config.get_text_config().initializer_range or 0.02
+    partitioned = hasattr(score.weight, "ds_id")
+    if partitioned:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(score.parameters()), modifier_rank=0)
+    with gathered if partitioned else contextlib.nullcontext(), torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        score.weight.copy_(torch.randn(score.weight.shape, generator=generator) * std)
+        if score.bias is not None:
+            score.bias.zero_()
+
+
+def classifier_config(
+    backbone_config: Qwen2_5_VLConfig,
+    num_labels: int,
+    classifier_head: str = "linear",
+    cosine_scale: float = 30.0,
+) -> QwenVLClassifierConfig:
+    """The classifier's config: the backbone's, plus the head and its labels."""
     labels = {
         "id2label": {i: str(i) for i in range(num_labels)},
         "label2id": {str(i): i for i in range(num_labels)},
     }
     skip = {"model_type", "architectures", "num_labels", *labels}
-    config = QwenVLClassifierConfig(
-        **{k: v for k, v in backbone.config.to_dict().items() if k not in skip},
+    return QwenVLClassifierConfig(
+        **{k: v for k, v in backbone_config.to_dict().items() if k not in skip},
         num_labels=num_labels,
         classifier_head=classifier_head,
         cosine_scale=cosine_scale,
         **labels,
     )
-    model = QwenVLForImageClassification(config, backbone=backbone)
-    model.score.to(dtype)
-    return model
 
 
 def _dtype_for(name: str, precision: str | None) -> torch.dtype:
@@ -292,6 +324,12 @@ class QwenClassifier(L.LightningModule):
         attention = choose_attention(hp.attn_implementation, capability, find_spec("flash_attn") is not None)
         if hp.attn_implementation == "auto":
             _say_once(f"attention: {attention} (model.attn_implementation: auto, on {device.type})")
+        if self._trainer is not None and zero_stage_3(self._trainer.strategy):
+            # transformers builds and loads the weights partitioned (a 72B model never whole on one rank)
+            # only while this object lives; it keeps a weak reference alone
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed_config = HfDeepSpeedConfig(self._trainer.strategy.config)
         self.net = load_classifier(
             hp.pretrained_name, hp.num_labels, dtype, attention, head, self.loss_config.scale
         ).train()  # from_pretrained returns eval mode; Lightning switches to eval for validation itself
@@ -402,12 +440,15 @@ class QwenClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay = [p for p in self.net.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.net.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-        )
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        # a ZeRO-3 partition is an empty placeholder; its real shape is ds_shape
+        decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
+        no_decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = make_adamw(groups, hp.lr, self._trainer.strategy if self._trainer is not None else None)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ConfigError("training.epochs / training.max_steps: the run length must be finite")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,17 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     return export_demo_data(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="session")
+def val_subset(demo_data, tmp_path_factory) -> Path:
+    """Every 5th validation row (all ten digits), with absolute image paths."""
+    rows = [json.loads(line) for line in (demo_data / "val.jsonl").read_text().splitlines()[::5]]
+    path = tmp_path_factory.mktemp("val") / "val.jsonl"
+    path.write_text(
+        "".join(json.dumps({**r, "image_path": str(demo_data / r["image_path"])}) + "\n" for r in rows)
+    )
+    return path
 
 
 def base_config(tiny_model: Path, demo_data: Path, output_dir: Path) -> dict:

@@ -27,17 +27,6 @@ def api_run(tiny_model, demo_data, tmp_path_factory):
     return tmp, config, result
 
 
-@pytest.fixture(scope="module")
-def val_subset(demo_data, tmp_path_factory) -> Path:
-    """Every 5th validation row (all ten digits), with absolute image paths."""
-    rows = [json.loads(line) for line in (demo_data / "val.jsonl").read_text().splitlines()[::5]]
-    path = tmp_path_factory.mktemp("val") / "val.jsonl"
-    path.write_text(
-        "".join(json.dumps({**r, "image_path": str(demo_data / r["image_path"])}) + "\n" for r in rows)
-    )
-    return path
-
-
 def qwen_cls_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qwen_cls", *args], cwd=REPO, capture_output=True, text=True)
 

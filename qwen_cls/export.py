@@ -1,0 +1,94 @@
+"""``qwen-cls export``: rebuild a checkpoint's ``hf_model/`` from its sharded DeepSpeed state.
+
+For a checkpoint saved or copied without ``hf_model/``. DeepSpeed's ``zero_to_fp32`` reads the fp32 master
+weights from the shards lazily (the optimizer files are memory-mapped and their Adam moments dropped), so
+the host holds about one copy of the weights, in the dtype written, rather than the states of every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoProcessor
+
+from qwen_cls.checkpoint import HF_DIR, INFO_FILE, STATE_DIR, zero_weights
+from qwen_cls.errors import ConfigError
+from qwen_cls.model import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
+from qwen_cls.monitor import say
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def training_dtype(precision: str) -> str:
+    """The dtype the module's weights had while training (DeepSpeed casts the module for 16-bit runs)."""
+    return (
+        "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
+    )
+
+
+def export(checkpoint_path: str, output: str | None = None, dtype: str = "auto") -> Path:
+    """Rebuild ``hf_model/`` (config, safetensors, processor) from a checkpoint's ``deepspeed/`` shards.
+
+    Args:
+        checkpoint_path: a ``checkpoint-<step>`` folder whose ``deepspeed/`` holds a DeepSpeed state.
+        output: where to write; default: the checkpoint's own ``hf_model/`` (which must not exist yet).
+        dtype: ``auto`` (the training precision's: bfloat16 for a bf16 run, else float32), ``float32``,
+            ``bfloat16`` or ``float16``.
+    """
+    checkpoint = Path(checkpoint_path)
+    info_file = checkpoint / INFO_FILE
+    if not (checkpoint / STATE_DIR).is_dir() or not info_file.is_file():
+        raise ConfigError(
+            f"--checkpoint_path: {checkpoint} is not a checkpoint folder with {STATE_DIR}/ and {INFO_FILE}"
+        )
+    info = json.loads(info_file.read_text())
+    if dtype == "auto":
+        dtype = training_dtype(str(info.get("precision", "32")))
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    target = Path(output) if output else checkpoint / HF_DIR
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(
+            f"--output: {target} already exists and is not empty; remove it or choose another --output"
+        )
+    cfg = info["config"]
+    base = cfg["model"]["pretrained_name"]
+    head = "cosine" if (cfg.get("loss") or {}).get("type") == "arcface" else "linear"
+    config = _config(
+        base, int(cfg["model"]["num_labels"]), head, float((cfg.get("loss") or {}).get("scale", 30.0))
+    )
+
+    weights = zero_weights(checkpoint)
+    state = {name: tensor.contiguous().to(DTYPES[dtype]) for name, tensor in weights.items()}
+    with torch.device("meta"):  # only the structure: save_pretrained writes the weights given
+        model = QwenVLForImageClassification(config).to(DTYPES[dtype])  # config.json records the dtype
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise ConfigError(
+            f"--checkpoint_path: {checkpoint} lacks {len(missing)} weights of the classifier, e.g. {missing[:3]}"
+        )
+    count = sum(t.numel() for t in state.values())
+    tmp = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state)
+    data = cfg.get("data") or {}
+    pixels = {k: data[k] for k in ("min_pixels", "max_pixels") if data.get(k)}
+    AutoProcessor.from_pretrained(base, **pixels).save_pretrained(tmp)
+    if target.exists():
+        target.rmdir()
+    os.replace(tmp, target)
+    say(f"wrote {target} ({dtype}, {count:,} parameters)")
+    return target
+
+
+def _config(base: str, num_labels: int, head: str, scale: float) -> QwenVLClassifierConfig:
+    if not (Path(base) / "config.json").is_file():
+        raise ConfigError(f"model.pretrained_name: {base} (from the checkpoint's config) has no config.json")
+    config = AutoConfig.from_pretrained(base)
+    if isinstance(config, QwenVLClassifierConfig):
+        return config
+    return classifier_config(config, num_labels, head, scale)

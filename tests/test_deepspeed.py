@@ -1,0 +1,354 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 for real: 2 CPU processes over gloo (the CPU subclass of Lightning's strategy),
+the tiny model, the CLI as users run it. Exact checkpoint folders, full weights in hf_model/, the module's
+logits, export, SIGKILL and resume, evaluation and validation of a ZeRO-3 run, and the YAML mapping."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification
+
+from qwen_cls.errors import ConfigError
+from qwen_cls.model import MODEL_INPUTS
+from qwen_cls.strategy import CPUDeepSpeedStrategy, build_strategy, deepspeed_kwargs
+from tests.conftest import REPO, base_config, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+STEPS, EVERY = 6, 3
+# variables an in-process run of another test may have left; a child would reuse its port and ranks
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+
+
+def child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+
+
+def run(*args: str, kill_group: bool = False) -> subprocess.CompletedProcess:
+    """A command in its own process group (KillAtStep kills that group: every rank)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        start_new_session=kill_group,
+    )
+
+
+def ds_config(tiny_model, demo_data, out: Path, stage: int, standard: bool = False, val=None) -> dict:
+    config = base_config(tiny_model, demo_data, out)
+    config["data"]["batch_size"] = 4
+    config["training"].update(max_steps=STEPS, save_steps=EVERY, logging_steps=1)
+    config["trainer"].update(devices=2, strategy=f"deepspeed_stage_{stage}")
+    config["monitor"] = {"plots": False}
+    if standard:
+        config["data"]["val_jsonl"] = str(val)
+        config["training"].update(skip_evaluation=False, eval_steps=EVERY)
+        config["evaluation"] = {
+            "partial_eval_during_training": True,
+            "full_eval_at_end": True,
+            "eval_best_model_only": True,
+        }
+        config["best_model_tracking"] = {"enabled": True, "metric": "overall_loss", "mode": "min"}
+    return config
+
+
+def fit_with_logits(config: dict, path: Path, rows: Path) -> dict:
+    out = run(
+        "-m", "tests.ds_helpers", str(write_config(path, config)), str(rows), str(path.with_suffix(".pt"))
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return torch.load(path.with_suffix(".pt"), weights_only=True)
+
+
+def killed_and_resumed(config: dict, tmp_path: Path) -> Path:
+    """The same run SIGKILLed (every rank) right after step 4, then resumed with --ckpt_path last."""
+    killed = json.loads(json.dumps(config))
+    killed["trainer"]["callbacks"] = [{"class_path": "tests.ds_helpers.KillAtStep", "init_args": {"step": 4}}]
+    out = run(
+        "-m",
+        "qwen_cls",
+        "fit",
+        "--config",
+        str(write_config(tmp_path / "killed.yaml", killed)),
+        kill_group=True,
+    )
+    assert out.returncode == -9, out.stderr[-3000:]
+    run_dir = Path(config["training"]["output_dir"])
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3"]
+    out = run(
+        "-m",
+        "qwen_cls",
+        "fit",
+        "--config",
+        str(write_config(tmp_path / "resume.yaml", config)),
+        "--ckpt_path",
+        "last",
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return run_dir
+
+
+def hf_logits(hf_dir: Path, batch: dict) -> torch.Tensor:
+    model = AutoModelForImageClassification.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        return model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path, atol: float) -> None:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_fit_checkpoints_logits_export_and_resume(stage, tiny_model, demo_data, val_subset, tmp_path):
+    """ZeRO-2 in no-evaluation mode; ZeRO-3 in standard mode (evaluation, best model, final evaluation)."""
+    standard = stage == 3
+    config = ds_config(tiny_model, demo_data, tmp_path / "run", stage, standard, val_subset)
+    saved = fit_with_logits(config, tmp_path / "run.yaml", val_subset)
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in run_dir.iterdir() if "checkpoint-" in p.name) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
+    for name in ("checkpoint-3", "checkpoint-6"):
+        info = json.loads((run_dir / name / "training_info.json").read_text())
+        assert (info["step"], info["world_size"], info["strategy"]) == (
+            int(name[11:]),
+            2,
+            "CPUDeepSpeedStrategy",
+        )
+        shards = sorted(p.name for p in (run_dir / name / "deepspeed" / "checkpoint").iterdir())
+        assert [s for s in shards if s.endswith("optim_states.pt")] == [
+            f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)
+        ]
+    # the module ends with the weights of the last step, or in standard mode (eval_best_model_only) with the
+    # best checkpoint's, loaded for the final evaluation where DeepSpeed's loader fails (#7272)
+    last = (
+        json.loads((run_dir / "best_checkpoint.json").read_text())["checkpoint"]
+        if standard
+        else "checkpoint-6"
+    )
+    hf_dir = run_dir / last / "hf_model"
+    weights = load_file(hf_dir / "model.safetensors")
+    assert all(t.numel() > 0 for t in weights.values())
+    assert sum(t.numel() for t in weights.values()) > 300_000  # the whole model, not one rank's partition
+    assert torch.allclose(hf_logits(hf_dir, saved["batch"]), saved["logits"], atol=1e-5)
+
+    out = run(
+        "-m",
+        "qwen_cls",
+        "export",
+        "--checkpoint_path",
+        str(run_dir / last),
+        "--output",
+        str(tmp_path / "exp"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_weights(hf_dir, tmp_path / "exp", atol=0.0)
+
+    if standard:
+        final = json.loads((run_dir / "eval_final.json").read_text())
+        best = json.loads((run_dir / "best_checkpoint.json").read_text())
+        assert final["weights"] == best["checkpoint"]
+        out = run(
+            "-m",
+            "qwen_cls",
+            "evaluate",
+            "--checkpoint_path",
+            str(run_dir / best["checkpoint"]),
+            "--eval_data",
+            str(val_subset),
+            "--output",
+            str(tmp_path / "eval.json"),
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        evaluated = json.loads((tmp_path / "eval.json").read_text())
+        for key in ("overall_loss", "overall_accuracy", "overall_top5_accuracy"):
+            assert evaluated[key] == pytest.approx(final[key], abs=1e-4), key
+
+    reference = run_dir.rename(tmp_path / "reference")
+    resumed = killed_and_resumed(config, tmp_path)
+    assert sorted(p.name for p in resumed.iterdir() if "checkpoint-" in p.name) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
+    assert_same_weights(
+        reference / "checkpoint-6" / "hf_model", resumed / "checkpoint-6" / "hf_model", atol=1e-5
+    )
+
+
+def test_validate_a_zero3_checkpoint(tiny_model, demo_data, val_subset, tmp_path):
+    """`qwen-cls validate --ckpt_path checkpoint-N` under ZeRO-3, where DeepSpeed's own loader fails
+    (deepspeedai/DeepSpeed#7272): the numbers equal `evaluate` of the same checkpoint's hf_model/."""
+    config = ds_config(tiny_model, demo_data, tmp_path / "run", 3)
+    config["training"]["max_steps"] = EVERY
+    path = write_config(tmp_path / "run.yaml", config)
+    assert run("-m", "qwen_cls", "fit", "--config", str(path)).returncode == 0
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    out = run(
+        "-m",
+        "qwen_cls",
+        "validate",
+        "--config",
+        str(path),
+        "--data.val_jsonl",
+        str(val_subset),
+        "--ckpt_path",
+        str(checkpoint),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    validated = float(re.search(r"eval/overall_loss\s*│\s*([0-9.]+)", out.stdout).group(1))
+    out = run(
+        "-m",
+        "qwen_cls",
+        "evaluate",
+        "--checkpoint_path",
+        str(checkpoint),
+        "--eval_data",
+        str(val_subset),
+        "--output",
+        str(tmp_path / "e.json"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert validated == pytest.approx(json.loads((tmp_path / "e.json").read_text())["overall_loss"], abs=1e-4)
+
+
+def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(
+    tiny_model, demo_data, val_subset, tmp_path
+):
+    config = ds_config(tiny_model, demo_data, tmp_path / "run", 2)
+    config["training"]["max_steps"] = EVERY
+    assert (
+        run("-m", "qwen_cls", "fit", "--config", str(write_config(tmp_path / "c.yaml", config))).returncode
+        == 0
+    )
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    original = load_file(checkpoint / "hf_model" / "model.safetensors")
+    (checkpoint / "hf_model").rename(tmp_path / "hf_model.bak")
+    out = run(
+        "-m", "qwen_cls", "evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"qwen-cls: error: --checkpoint_path: {checkpoint} has no hf_model/, only DeepSpeed shards in deepspeed/; "
+        f"rebuild it with: qwen-cls export --checkpoint_path {checkpoint}"
+    )
+    assert run("-m", "qwen_cls", "export", "--checkpoint_path", str(checkpoint)).returncode == 0
+    rebuilt = load_file(checkpoint / "hf_model" / "model.safetensors")
+    assert rebuilt.keys() == original.keys() and all(torch.equal(rebuilt[k], original[k]) for k in original)
+    assert (
+        run(
+            "-m", "qwen_cls", "evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)
+        ).returncode
+        == 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "section", "stage", "offload_optimizer", "offload_param"),
+    [
+        ("deepspeed_stage_2", None, 2, False, False),
+        ("deepspeed_stage_2_offload", None, 2, True, False),
+        ("deepspeed_stage_3", None, 3, False, False),
+        ("deepspeed_stage_3_offload", None, 3, True, True),
+        (None, {"zero_optimization": {"stage": 3}}, 3, False, False),
+        (
+            "auto",
+            {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"},
+            2,
+            False,
+            False,
+        ),
+        (
+            "deepspeed",
+            {
+                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                "gradient_accumulation_steps": 2,
+            },
+            2,
+            True,
+            False,
+        ),
+        (
+            None,
+            {
+                "zero_optimization": {"stage": 3},
+                "train_micro_batch_size_per_gpu": 8,
+                "bf16": {"enabled": "auto"},
+            },
+            3,
+            False,
+            False,
+        ),
+    ],
+)
+def test_strategy_and_deepspeed_section_map_to_deepspeed_settings(
+    strategy, section, stage, offload_optimizer, offload_param
+):
+    """The micro-batch is data.batch_size (8); accumulation (2) and clipping are left to Lightning, which fills
+    them from the trainer, so a section may repeat them only with the same values."""
+    kwargs = deepspeed_kwargs(strategy, section, batch_size=8, accumulate=2, max_grad_norm=1.0)
+    ds = build_strategy(kwargs, cuda=False)
+    assert isinstance(ds, CPUDeepSpeedStrategy)
+    zero = ds.config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("offload_optimizer" in zero and zero["offload_optimizer"]["device"] == "cpu") == offload_optimizer
+    assert ("offload_param" in zero and zero["offload_param"]["device"] == "cpu") == offload_param
+    assert ds.config["train_micro_batch_size_per_gpu"] == 8
+    assert "gradient_accumulation_steps" not in ds.config and "bf16" not in ds.config
+    assert ds.config.get("zero_force_ds_cpu_optimizer", True) is not offload_optimizer  # torch AdamW on CPU
+
+
+def test_deepspeed_json_file_and_no_deepspeed(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}))
+    assert deepspeed_kwargs(None, str(path), 4, 1, 0.0)["config"] == {
+        "zero_optimization": {"stage": 3},
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_allow_untested_optimizer": True,
+    }
+    assert deepspeed_kwargs("ddp", None, 4, 1, 1.0) is None
+    assert deepspeed_kwargs("auto", None, 4, 1, 1.0) is None
+
+
+@pytest.mark.parametrize(
+    ("strategy", "section", "message"),
+    [
+        (
+            None,
+            {"train_micro_batch_size_per_gpu": 16},
+            "deepspeed.train_micro_batch_size_per_gpu: 16, but data.batch_size is 8",
+        ),
+        (
+            None,
+            {"gradient_accumulation_steps": 4},
+            "deepspeed.gradient_accumulation_steps: 4, but trainer.accumulate_grad_batches is 2",
+        ),
+        (None, {"train_batch_size": 64}, "deepspeed.train_batch_size: remove it"),
+        (None, {"optimizer": {"type": "Adam"}}, "deepspeed.optimizer: remove it"),
+        (None, {"scheduler": {"type": "WarmupLR"}}, "deepspeed.scheduler: remove it"),
+        (
+            "deepspeed_stage_3",
+            {"zero_optimization": {"stage": 2}},
+            "trainer.strategy: 'deepspeed_stage_3' and a deepspeed: section",
+        ),
+        ("ddp", {"zero_optimization": {"stage": 2}}, "trainer.strategy: 'ddp' and a deepspeed: section"),
+        ("deepspeed_stage_9", None, "trainer.strategy: unknown 'deepspeed_stage_9'"),
+        (None, "/nonexistent/ds.json", "deepspeed: /nonexistent/ds.json not found"),
+    ],
+)
+def test_conflicting_deepspeed_settings_are_config_errors(strategy, section, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        deepspeed_kwargs(strategy, section, batch_size=8, accumulate=2, max_grad_norm=1.0)

@@ -182,7 +182,8 @@ def evaluate(
     checkpoint = resolve_checkpoint(checkpoint_path)
     setup = read_setup(checkpoint, config_path)
     datamodule = make_datamodule(setup, eval_data, _processor_path(checkpoint, setup), batch_size)
-    metrics = _validate(_trainer(), load_module(checkpoint, setup), datamodule)
+    module = load_module(checkpoint, setup)  # its errors before the trainer's banner
+    metrics = _validate(_trainer(), module, datamodule)
     result = {"checkpoint": str(checkpoint), "eval_data": str(eval_data), **metrics}
     _print_table(result, list(setup.datasets) or ["default"])
     if output:

@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from huggingface_hub.dataclasses import strict
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from transformers import (
@@ -310,6 +311,7 @@ class QwenClassifier(L.LightningModule):
         self.skipped_steps = 0
         self.skipped_images = 0  # unreadable images left out with data.on_bad_image: skip (this rank)
         self._loss_sum, self._loss_count = 0.0, 0  # finite losses of the micro-batches of this optimizer step
+        self._deepspeed_norm_step = -1  # DeepSpeed's optimizer step whose gradient norm was last logged
 
     def configure_model(self) -> None:
         """Load weights lazily, once, so strategies (DeepSpeed ZeRO-3) can shape how the model is built."""
@@ -406,6 +408,12 @@ class QwenClassifier(L.LightningModule):
         """Once per optimizer step, after all accumulated backward passes and before clipping: ``train/loss``
         is the mean over the step's micro-batches; on logging steps the global gradient norm (before
         clipping; it costs a pass over the gradients)."""
+        strategy = self.trainer.strategy
+        if (
+            isinstance(strategy, DeepSpeedStrategy)
+            and not strategy.deepspeed_engine.is_gradient_accumulation_boundary()
+        ):
+            return  # DeepSpeed accumulates itself: Lightning calls this hook for every micro-batch
         if self._loss_count:
             mean = self._loss_sum / self._loss_count  # the mean over all ranks (one scalar all-reduce)
             self.log("train/loss", mean, prog_bar=True, on_step=True, sync_dist=True)
@@ -415,6 +423,22 @@ class QwenClassifier(L.LightningModule):
         norms = [p.grad.detach().float().norm() for p in self.net.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+
+    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Under DeepSpeed ``p.grad`` is None (gradients live in its partitioned buffers): on logging steps,
+        the global norm before clipping that its optimizer step computed."""
+        strategy = self.trainer.strategy
+        if (
+            not isinstance(strategy, DeepSpeedStrategy)
+            or self.trainer.global_step % self.trainer.log_every_n_steps
+        ):
+            return
+        if strategy.deepspeed_engine.global_steps == self._deepspeed_norm_step:
+            return  # a micro-batch that did not end an optimizer step
+        self._deepspeed_norm_step = strategy.deepspeed_engine.global_steps
+        norm = strategy.deepspeed_engine.get_global_grad_norm()
+        if norm is not None:
+            self.log("train/grad_norm", float(norm), on_step=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         valid = self.valid_classes(batch["dataset_idx"])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -37,6 +38,12 @@ def quiet_library_chatter() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # DeepSpeed calls torch.distributed's old collective names, once per call; Lightning points ZeRO-3 users
+    # to a single-file conversion, where hf_model/ and `qwen-cls export` are the answer here
+    warnings.filterwarnings(
+        "ignore", r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated", FutureWarning
+    )
+    warnings.filterwarnings("ignore", "When saving the DeepSpeed Stage 3 checkpoint")
     lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoAdverts) for f in lightning_info.filters):
         lightning_info.addFilter(_NoAdverts())

@@ -104,8 +104,8 @@ def offloads_optimizer(config: Mapping[str, Any]) -> bool:
 
 
 def build_strategy(kwargs: dict[str, Any], cuda: bool) -> DeepSpeedStrategy:
-    """Lightning's strategy on CUDA, the CPU subclass otherwise."""
-    strategy = (DeepSpeedStrategy if cuda else CPUDeepSpeedStrategy)(**kwargs)
+    """Lightning's strategy (with one fix) on CUDA, the CPU subclass otherwise."""
+    strategy = (QwenDeepSpeedStrategy if cuda else CPUDeepSpeedStrategy)(**kwargs)
     if not cuda and offloads_optimizer(strategy.config):
         # DeepSpeed insists on its own CPU Adam (a C++ op compiled on first use) with a client optimizer
         # and offload; on CPU the offload is a no-op and torch's AdamW does the same work
@@ -113,7 +113,17 @@ def build_strategy(kwargs: dict[str, Any], cuda: bool) -> DeepSpeedStrategy:
     return strategy
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class QwenDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` with gradient accumulation scaled once. Lightning divides each
+    micro-batch's loss by ``accumulate_grad_batches``, and DeepSpeed's ``engine.backward`` divides it again
+    by ``gradient_accumulation_steps`` (measured: with 2 micro-batches the gradient was half of one
+    process's over the same 8 images, and so was its norm); DeepSpeed's division is turned off."""
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
+
+
+class CPUDeepSpeedStrategy(QwenDeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` on CPU processes (gloo), for testing; never used on a GPU machine.
 
     DeepSpeed itself runs on CPU (it picks its CPU accelerator when there is no CUDA); Lightning's strategy

@@ -34,11 +34,12 @@ def fit_and_save_logits(config: str, rows: str, out: str) -> None:
     batch = cli.datamodule.collator()([dataset[i] for i in range(8)])
     module = cli.model.eval()
     with torch.no_grad():
-        logits = module(batch)
+        logits = module({k: v.to(module.device) for k, v in batch.items()}).float().cpu()
     if cli.trainer.is_global_zero:
         torch.save({"logits": logits, "batch": batch}, out)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # gloo's threads would abort the interpreter's exit otherwise
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # gloo's threads would abort the interpreter's exit otherwise
 
 
 if __name__ == "__main__":

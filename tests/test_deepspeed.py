@@ -189,6 +189,44 @@ def test_zero_fit_checkpoints_logits_export_and_resume(stage, tiny_model, demo_d
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_a_gpu_in_bf16(stage, tiny_model, demo_data, val_subset, tmp_path):
+    """The same path on CUDA (Lightning's own strategy), bf16-mixed, one GPU: bf16 hf_model/ with the module's
+    logits, export equal to it, SIGKILL and resume."""
+    config = ds_config(tiny_model, demo_data, tmp_path / "run", stage)
+    config["data"]["batch_size"] = 8
+    config["trainer"].update(accelerator="gpu", devices=1, precision="bf16-mixed")
+    saved = fit_with_logits(config, tmp_path / "run.yaml", val_subset)
+    run_dir = tmp_path / "run"
+    info = json.loads((run_dir / "checkpoint-6" / "training_info.json").read_text())
+    assert info["strategy"] == "QwenDeepSpeedStrategy"
+    hf_dir = run_dir / "checkpoint-6" / "hf_model"
+    weights = load_file(hf_dir / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16} and all(
+        t.numel() for t in weights.values()
+    )
+    # bf16 on the GPU vs bf16 on the CPU: kernels differ in the last bits
+    assert torch.allclose(hf_logits(hf_dir, saved["batch"]).float(), saved["logits"], atol=5e-2)
+    out = run(
+        "-m",
+        "qwen_cls",
+        "export",
+        "--checkpoint_path",
+        str(run_dir / "checkpoint-6"),
+        "--output",
+        str(tmp_path / "exp"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_weights(hf_dir, tmp_path / "exp", atol=0.0)  # bf16 of the fp32 masters is the module's copy
+    reference = run_dir.rename(tmp_path / "reference")
+    resumed = killed_and_resumed(config, tmp_path)
+    assert_same_weights(
+        reference / "checkpoint-6" / "hf_model", resumed / "checkpoint-6" / "hf_model", atol=1e-3
+    )
+
+
 def test_validate_a_zero3_checkpoint(tiny_model, demo_data, val_subset, tmp_path):
     """`qwen-cls validate --ckpt_path checkpoint-N` under ZeRO-3, where DeepSpeed's own loader fails
     (deepspeedai/DeepSpeed#7272): the numbers equal `evaluate` of the same checkpoint's hf_model/."""

@@ -108,7 +108,10 @@ def scan_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple[Pat
             continue
         if not is_complete(path):
             missing = [n for n in (INFO_FILE, HF_DIR, STATE_DIR) if not (path / n).exists()]
-            incomplete.append((path, f"incomplete checkpoint folder (no {', '.join(missing)})"))
+            why = f"incomplete checkpoint folder (no {', '.join(missing)})"
+            if missing == [HF_DIR] and (path / STATE_DIR / "latest").is_file():
+                why += f"; rebuild it from the DeepSpeed shards with: qwen-cls export --checkpoint_path {path}"
+            incomplete.append((path, why))
             continue
         found.append((step, path))
     return [p for _, p in sorted(found)], incomplete

@@ -83,6 +83,15 @@ def run_log(run: Path, name: str = "metrics.csv") -> Path:
     return versions[-1] / name
 
 
+# variables an in-process run of another test may have left; a child would reuse its port and ranks
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a multi-process child run."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+
+
 def start_qwen_cls(*args: str) -> subprocess.Popen:
     """`qwen-cls ARGS` as a separate, silent process (for runs a test watches or kills)."""
     return subprocess.Popen(

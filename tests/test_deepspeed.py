@@ -5,7 +5,6 @@ logits, export, SIGKILL and resume, evaluation and validation of a ZeRO-3 run, a
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,17 +18,11 @@ from transformers import AutoModelForImageClassification
 from qwen_cls.errors import ConfigError
 from qwen_cls.model import MODEL_INPUTS
 from qwen_cls.strategy import CPUDeepSpeedStrategy, build_strategy, deepspeed_kwargs
-from tests.conftest import REPO, base_config, write_config
+from tests.conftest import REPO, base_config, child_env, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 STEPS, EVERY = 6, 3
-# variables an in-process run of another test may have left; a child would reuse its port and ranks
-DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-
-
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
 
 
 def run(*args: str, kill_group: bool = False) -> subprocess.CompletedProcess:
@@ -62,6 +55,10 @@ def ds_config(tiny_model, demo_data, out: Path, stage: int, standard: bool = Fal
     return config
 
 
+def qwen_cls(*args: str, kill_group: bool = False) -> subprocess.CompletedProcess:
+    return run("-m", "qwen_cls", *args, kill_group=kill_group)
+
+
 def fit_with_logits(config: dict, path: Path, rows: Path) -> dict:
     out = run(
         "-m", "tests.ds_helpers", str(write_config(path, config)), str(rows), str(path.with_suffix(".pt"))
@@ -74,9 +71,7 @@ def killed_and_resumed(config: dict, tmp_path: Path) -> Path:
     """The same run SIGKILLed (every rank) right after step 4, then resumed with --ckpt_path last."""
     killed = json.loads(json.dumps(config))
     killed["trainer"]["callbacks"] = [{"class_path": "tests.ds_helpers.KillAtStep", "init_args": {"step": 4}}]
-    out = run(
-        "-m",
-        "qwen_cls",
+    out = qwen_cls(
         "fit",
         "--config",
         str(write_config(tmp_path / "killed.yaml", killed)),
@@ -85,9 +80,7 @@ def killed_and_resumed(config: dict, tmp_path: Path) -> Path:
     assert out.returncode == -9, out.stderr[-3000:]
     run_dir = Path(config["training"]["output_dir"])
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3"]
-    out = run(
-        "-m",
-        "qwen_cls",
+    out = qwen_cls(
         "fit",
         "--config",
         str(write_config(tmp_path / "resume.yaml", config)),
@@ -146,9 +139,7 @@ def test_zero_fit_checkpoints_logits_export_and_resume(stage, tiny_model, demo_d
     assert sum(t.numel() for t in weights.values()) > 300_000  # the whole model, not one rank's partition
     assert torch.allclose(hf_logits(hf_dir, saved["batch"]), saved["logits"], atol=1e-5)
 
-    out = run(
-        "-m",
-        "qwen_cls",
+    out = qwen_cls(
         "export",
         "--checkpoint_path",
         str(run_dir / last),
@@ -162,9 +153,7 @@ def test_zero_fit_checkpoints_logits_export_and_resume(stage, tiny_model, demo_d
         final = json.loads((run_dir / "eval_final.json").read_text())
         best = json.loads((run_dir / "best_checkpoint.json").read_text())
         assert final["weights"] == best["checkpoint"]
-        out = run(
-            "-m",
-            "qwen_cls",
+        out = qwen_cls(
             "evaluate",
             "--checkpoint_path",
             str(run_dir / best["checkpoint"]),
@@ -209,9 +198,7 @@ def test_zero_on_a_gpu_in_bf16(stage, tiny_model, demo_data, val_subset, tmp_pat
     )
     # bf16 on the GPU vs bf16 on the CPU: kernels differ in the last bits
     assert torch.allclose(hf_logits(hf_dir, saved["batch"]).float(), saved["logits"], atol=5e-2)
-    out = run(
-        "-m",
-        "qwen_cls",
+    out = qwen_cls(
         "export",
         "--checkpoint_path",
         str(run_dir / "checkpoint-6"),
@@ -233,11 +220,9 @@ def test_validate_a_zero3_checkpoint(tiny_model, demo_data, val_subset, tmp_path
     config = ds_config(tiny_model, demo_data, tmp_path / "run", 3)
     config["training"]["max_steps"] = EVERY
     path = write_config(tmp_path / "run.yaml", config)
-    assert run("-m", "qwen_cls", "fit", "--config", str(path)).returncode == 0
+    assert qwen_cls("fit", "--config", str(path)).returncode == 0
     checkpoint = tmp_path / "run" / "checkpoint-3"
-    out = run(
-        "-m",
-        "qwen_cls",
+    out = qwen_cls(
         "validate",
         "--config",
         str(path),
@@ -248,9 +233,7 @@ def test_validate_a_zero3_checkpoint(tiny_model, demo_data, val_subset, tmp_path
     )
     assert out.returncode == 0, out.stderr[-3000:]
     validated = float(re.search(r"eval/overall_loss\s*│\s*([0-9.]+)", out.stdout).group(1))
-    out = run(
-        "-m",
-        "qwen_cls",
+    out = qwen_cls(
         "evaluate",
         "--checkpoint_path",
         str(checkpoint),
@@ -268,28 +251,21 @@ def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(
 ):
     config = ds_config(tiny_model, demo_data, tmp_path / "run", 2)
     config["training"]["max_steps"] = EVERY
-    assert (
-        run("-m", "qwen_cls", "fit", "--config", str(write_config(tmp_path / "c.yaml", config))).returncode
-        == 0
-    )
+    assert qwen_cls("fit", "--config", str(write_config(tmp_path / "c.yaml", config))).returncode == 0
     checkpoint = tmp_path / "run" / "checkpoint-3"
     original = load_file(checkpoint / "hf_model" / "model.safetensors")
     (checkpoint / "hf_model").rename(tmp_path / "hf_model.bak")
-    out = run(
-        "-m", "qwen_cls", "evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)
-    )
+    out = qwen_cls("evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset))
     assert out.returncode == 2
     assert out.stderr.strip() == (
         f"qwen-cls: error: --checkpoint_path: {checkpoint} has no hf_model/, only DeepSpeed shards in deepspeed/; "
         f"rebuild it with: qwen-cls export --checkpoint_path {checkpoint}"
     )
-    assert run("-m", "qwen_cls", "export", "--checkpoint_path", str(checkpoint)).returncode == 0
+    assert qwen_cls("export", "--checkpoint_path", str(checkpoint)).returncode == 0
     rebuilt = load_file(checkpoint / "hf_model" / "model.safetensors")
     assert rebuilt.keys() == original.keys() and all(torch.equal(rebuilt[k], original[k]) for k in original)
     assert (
-        run(
-            "-m", "qwen_cls", "evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)
-        ).returncode
+        qwen_cls("evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)).returncode
         == 0
     )
 

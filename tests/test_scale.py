@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from qwen_cls.cli import run_lightning_cli
 from qwen_cls.errors import ConfigError
 from qwen_cls.model import choose_attention
-from tests.conftest import REPO, base_config, run_log, write_config
+from tests.conftest import REPO, base_config, child_env, run_log, write_config
 
 
 @pytest.mark.slow
@@ -40,17 +39,12 @@ def test_two_process_ddp_and_zero2_fit_equal_one_process_with_the_same_global_ba
             strategy=strategy, devices=2, accumulate_grad_batches=1 if strategy == "ddp" else 2
         )
         path = write_config(tmp_path / f"{strategy}.yaml", config)
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-        }
         out = subprocess.run(
             [sys.executable, "-m", "qwen_cls", "fit", "--config", str(path)],
             cwd=REPO,
             capture_output=True,
             text=True,
-            env=env,
+            env=child_env(),
         )
         assert out.returncode == 0, out.stderr[-3000:]
     rows = {}

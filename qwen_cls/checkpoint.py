@@ -17,6 +17,7 @@ import pickle
 import shutil
 import socket
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
-from qwen_cls.monitor import describe_device
+from qwen_cls.monitor import describe_device, say
 from qwen_cls.strategy import gathered_state_dict, load_into_partitions, zero_stage_3
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -42,38 +44,89 @@ RUNNING_FILE = ".qwen-cls-running.json"  # while a fit runs: its pid and host, f
 _VERSIONED = ("torch", "lightning", "transformers", "deepspeed", "qwen-cls")
 
 
+RUN_ID_ENV = "QWEN_CLS_RUN_ID"  # inherited by the processes Lightning starts for the other ranks
+
+
+def _marker_owner(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(owner: dict) -> bool:
+    """Whether the marker's process runs (on another host it cannot be told, so it counts as running)."""
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(owner["pid"]), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+
+
+def describe_owner(owner: dict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+    return f"pid {owner.get('pid')} on {owner.get('host')}, started {started}"
+
+
+def refuse_if_running(output_dir: str | Path) -> None:
+    """One line naming the other ``fit`` that trains into ``output_dir`` (its own processes excepted)."""
+    marker = Path(output_dir) / RUNNING_FILE
+    owner = _marker_owner(marker) if marker.is_file() else None
+    if owner is None or owner.get("run_id") == os.environ.get(RUN_ID_ENV) or not _alive(owner):
+        return
+    elsewhere = owner.get("host") != socket.gethostname()
+    raise ConfigError(
+        f"training.output_dir: {output_dir} is being trained by another qwen-cls fit ({describe_owner(owner)}); "
+        "wait for it, stop it, or choose another output_dir"
+        + (f" (if that run is gone, delete {marker})" if elsewhere else "")
+    )
+
+
 @contextlib.contextmanager
 def marked_running(output_dir: str | Path, write: bool):
-    """Mark ``output_dir`` as being trained by this process until the block ends, however it ends; a
-    marker whose process is gone means the run was killed."""
+    """Claim ``output_dir`` for this run until the block ends, however it ends. The marker is created
+    atomically, so of two runs started at once one is refused; a marker whose process is gone (on this
+    host) is taken over with a warning, and ``report`` reads a leftover one as a killed run."""
     marker = Path(output_dir) / RUNNING_FILE
+    inherited = os.environ.get(RUN_ID_ENV)  # set when Lightning started this process as another rank
+    run_id = os.environ[RUN_ID_ENV] = inherited or uuid.uuid4().hex
     if write:
-        marker.write_text(
-            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-        )
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "run_id": run_id}
+        try:
+            with marker.open("x") as fh:
+                fh.write(json.dumps(owner))
+        except FileExistsError:
+            refuse_if_running(output_dir)
+            old = _marker_owner(marker) or {}
+            if old.get("run_id") != run_id:
+                rank_zero_warn(f"{output_dir}: taking over from a run that is gone ({describe_owner(old)})")
+            marker.write_text(json.dumps(owner))
     try:
         yield
     finally:
-        if write:
+        if write and (_marker_owner(marker) or {}).get("run_id") == run_id:
             marker.unlink(missing_ok=True)
+        if inherited is None:  # the next run in this process (a notebook, a sweep) is another run
+            os.environ.pop(RUN_ID_ENV, None)
 
 
 def run_status(output_dir: str | Path, checkpoints: list[Path]) -> str:
-    """``finished``, ``in progress`` or ``stopped`` (killed or crashed before its final checkpoint)."""
-    if checkpoints and json.loads((checkpoints[-1] / INFO_FILE).read_text()).get("final"):
+    """``finished``, ``in progress``, ``stopped by SIGTERM`` (or SIGINT; a checkpoint of the step it stopped
+    at was saved) or ``stopped`` (killed or crashed before its final checkpoint)."""
+    last = json.loads((checkpoints[-1] / INFO_FILE).read_text()) if checkpoints else {}
+    if last.get("final"):
         return "finished"
     marker = Path(output_dir) / RUNNING_FILE
-    if marker.is_file():
-        running = json.loads(marker.read_text())
-        if running["host"] != socket.gethostname():
-            return f"in progress on {running['host']} (or killed there)"
-        try:
-            os.kill(running["pid"], 0)
-            return "in progress"
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # alive, another user's
-            return "in progress"
+    owner = _marker_owner(marker) if marker.is_file() else None
+    if owner is not None and _alive(owner):
+        elsewhere = owner.get("host") != socket.gethostname()
+        return f"in progress on {owner['host']} (or killed there)" if elsewhere else "in progress"
+    if last.get("stopped_by"):
+        return f"stopped by {last['stopped_by']}"
     return "stopped"
 
 
@@ -110,7 +163,9 @@ def scan_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple[Pat
             missing = [n for n in (INFO_FILE, HF_DIR, STATE_DIR) if not (path / n).exists()]
             why = f"incomplete checkpoint folder (no {', '.join(missing)})"
             if missing == [HF_DIR] and (path / STATE_DIR / "latest").is_file():
-                why += f"; rebuild it from the DeepSpeed shards with: qwen-cls export --checkpoint_path {path}"
+                why += (
+                    f"; rebuild it from the DeepSpeed shards with: qwen-cls export --checkpoint_path {path}"
+                )
             incomplete.append((path, why))
             continue
         found.append((step, path))
@@ -166,6 +221,39 @@ def zero_weights(checkpoint: str | Path) -> dict[str, Any]:
     return {k.removeprefix("net."): v for k, v in names.items() if k.startswith("net.")}
 
 
+ASIDE_SUFFIX = ".replaced"
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """``new`` becomes ``final``; an existing ``final`` (a step saved again after resuming from an earlier
+    checkpoint) is renamed aside first and deleted last, so a kill at any moment leaves one whole copy."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    aside = final.parent / f".{final.name}{ASIDE_SUFFIX}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final, aside)
+    os.replace(new, final)
+    shutil.rmtree(aside)
+
+
+def restore_set_aside(output_dir: str | Path) -> list[Path]:
+    """Put back a checkpoint that a kill caught set aside by :func:`replace_folder` (its replacement never
+    arrived); drop one whose replacement did. Returns the folders restored."""
+    restored = []
+    for aside in Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*{ASIDE_SUFFIX}"):
+        final = aside.parent / aside.name[1 : -len(ASIDE_SUFFIX)]
+        try:
+            if final.exists():
+                shutil.rmtree(aside)
+            else:
+                os.replace(aside, final)
+                restored.append(final)
+        except OSError:  # another rank of the same run did it first
+            continue
+    return restored
+
+
 def resume_state_path(checkpoint: str | Path, deepspeed: bool) -> str:
     """What ``Trainer.fit(ckpt_path=...)`` needs for a checkpoint folder: DeepSpeed's directory, or the file."""
     state = Path(checkpoint) / STATE_DIR
@@ -214,8 +302,10 @@ class QwenCheckpoint(ModelCheckpoint):
         self._loss_sum = 0.0
         self._loss_count = 0
         self._at_train_end = False
+        self.stopped_by: str | None = None  # the signal that stopped the run, recorded in training_info.json
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_best_metric_has_rows(trainer)
         if self.disk_check != "off":
             self._check_disk_space(trainer)
         self._started = time.monotonic()
@@ -231,6 +321,23 @@ class QwenCheckpoint(ModelCheckpoint):
             trainer
         ):
             self._defer_save_until_validation = True  # Lightning's own flag: saved in on_validation_end
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """SIGTERM (what SLURM and Kubernetes send on preemption or time-out; Lightning stops every rank at the
+        same step boundary) or SIGINT: save a complete checkpoint of the current step, so nothing trained is
+        lost; the process then exits non-zero."""
+        name = {SIGTERMException: "SIGTERM", KeyboardInterrupt: "SIGINT"}.get(type(exception))
+        if name is None or trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        self.stopped_by = name
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
+        say(
+            f"stopped by {name} at step {trainer.global_step}: {CHECKPOINT_PREFIX}{trainer.global_step} is complete; "
+            "resume with --ckpt_path last"
+        )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The last step is always saved, whatever ``save_steps`` is: it is the one to resume from."""
@@ -267,9 +374,7 @@ class QwenCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             self._write_hf_model(trainer, tmp / HF_DIR, weights)
             self._write_info(trainer, tmp / INFO_FILE, float(loss) if self._loss_count else None)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_folder(tmp, final)
         self._apply_retention(trainer, final)
         trainer.strategy.barrier("qwen_cls_checkpoint_end")
         self._loss_sum, self._loss_count = 0.0, 0
@@ -304,6 +409,22 @@ class QwenCheckpoint(ModelCheckpoint):
                 "value": float(self.best_model_score),
             }
             (Path(self.dirpath) / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    def _check_best_metric_has_rows(self, trainer: L.Trainer) -> None:
+        """Before step 1: a best-model metric of one dataset needs validation rows of that dataset, or the
+        first save (hours in) would find no value to rank by."""
+        rows = getattr(trainer.datamodule, "val_rows", None)
+        if not self.monitor or rows is None:
+            return
+        metric = self.monitor.removeprefix("eval/")
+        names = trainer.lightning_module.dataset_names
+        for idx, name in enumerate(names):
+            if metric in (f"{name}_accuracy", f"{name}_loss", f"{name}_top5_accuracy"):
+                if not any(row.dataset_idx == idx for row in rows):
+                    raise ConfigError(
+                        f"best_model_tracking.metric: {metric} needs validation rows of dataset {name!r}, but "
+                        "data.val_jsonl has none; choose an overall_* metric or add its rows"
+                    )
 
     def _check_disk_space(self, trainer: L.Trainer) -> None:
         """Before step 1: the checkpoints this run will keep must fit in the free space at ``dirpath``."""
@@ -357,7 +478,9 @@ class QwenCheckpoint(ModelCheckpoint):
             "train_loss": train_loss,
             "learning_rate": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
             "elapsed_seconds": round(self.elapsed_seconds(), 3),
-            "final": self._at_train_end or trainer.global_step >= trainer.estimated_stepping_batches,
+            "final": not self.stopped_by
+            and (self._at_train_end or trainer.global_step >= trainer.estimated_stepping_batches),
+            "stopped_by": self.stopped_by,
             "total_steps": int(trainer.estimated_stepping_batches),
             "world_size": trainer.world_size,
             "device": describe_device(module.device),

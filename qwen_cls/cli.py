@@ -12,27 +12,34 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
+import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import CLI, ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen_cls.checkpoint import (
+    INFO_FILE,
     LoadZero3Weights,
     QwenCheckpoint,
+    checkpoint_step,
     list_checkpoints,
     load_zero3_weights,
     marked_running,
+    refuse_if_running,
     refuse_unsafe_checkpoint,
+    restore_set_aside,
     resume_state_path,
 )
 from qwen_cls.config import (
@@ -57,7 +64,7 @@ from qwen_cls.monitor import (
     say,
     wandb_online,
 )
-from qwen_cls.policy import Resolution, resolve
+from qwen_cls.policy import Resolution, resolve, resume_changes
 from qwen_cls.predict import predict
 from qwen_cls.reporting import write_report
 from qwen_cls.strategy import build_strategy, deepspeed_kwargs, zero_stage_3
@@ -102,23 +109,51 @@ class StepCSVLogger(CSVLogger):
         super().log_metrics(metrics, None if step is None else int(step))
 
 
-REDACTED = "<redacted>"
-# W&B keys are 40 hex characters (a local server's carry a "local-" prefix); no config value is like that
-_KEY_LIKE = re.compile(r"\b(?:local-)?[0-9a-f]{40}\b")
-
-
-def redact_secrets(cfg, prefix: str = "") -> list[str]:
-    """Replace key-like strings in a parsed config, in place, before it is saved or logged anywhere;
-    return the keys that held one."""
-    found = []
-    for key, value in list(cfg.items()):
-        dotted = f"{prefix}{key}"
+def refuse_secrets(cfg, prefix: str = "") -> None:
+    """A config value holding this environment's W&B API key is refused, never rewritten: configs are saved
+    beside every checkpoint and in the logs, and W&B reads its key from ``WANDB_API_KEY`` or ``wandb login``.
+    Nothing else is touched: a hub-cache path or a run name with 40 hex characters is just that."""
+    key = os.environ.get("WANDB_API_KEY", "")
+    if len(key) < 16:
+        return
+    for name, value in cfg.items():
+        dotted = f"{prefix}{name}"
         if hasattr(value, "items"):
-            found += redact_secrets(value, f"{dotted}.")
-        elif isinstance(value, str) and _KEY_LIKE.search(value):
-            cfg[key] = _KEY_LIKE.sub(REDACTED, value)
-            found.append(dotted)
-    return found
+            refuse_secrets(value, f"{dotted}.")
+        elif any(isinstance(v, str) and key in v for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(
+                f"{dotted}: holds the W&B API key of WANDB_API_KEY; remove it (configs are saved with every "
+                "checkpoint; W&B reads the key from the environment or `wandb login`)"
+            )
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config`` file parses as a YAML mapping; otherwise one line naming the file (and the line of a
+    syntax error), instead of jsonargparse's usage page or ``<unicode string>``."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(args):
+            path = Path(args[i + 1])
+        else:
+            continue
+        if not path.is_file():
+            raise ConfigError(f"--config: {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config: {path} is not UTF-8 text ({e.reason})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--config: {where}: YAML syntax error: {problem}") from None
+        if data is None:
+            raise ConfigError(f"--config: {path} is empty")
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"--config: {path} must hold sections (model:, data:, training:, ...), not a {type(data).__name__}"
+            )
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -155,10 +190,7 @@ class QwenCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        for key in redact_secrets(cfg):
-            say(
-                f"{key} looks like an API key; it was replaced by '{REDACTED}' (W&B reads its key from the environment)"
-            )
+        refuse_secrets(cfg)
         self.resolution = resolve(cfg.as_dict())
         for override in self.resolution.overrides:
             say(str(override))
@@ -257,12 +289,20 @@ class QwenCLI(LightningCLI):
 
     def _existing(self) -> tuple[Path, list[Path]]:
         output_dir = Path(self.config[self.subcommand].training.output_dir)
-        return output_dir, list_checkpoints(output_dir) if output_dir.is_dir() else []
+        if not output_dir.is_dir():
+            return output_dir, []
+        for path in restore_set_aside(output_dir):
+            say(f"restored {path.name}: a kill had caught it set aside while it was being saved again")
+        return output_dir, list_checkpoints(output_dir)
 
     def before_fit(self) -> None:
         output_dir, existing = self._existing()
         _check_writable(output_dir)
+        if self.trainer.is_global_zero:  # before anything in output_dir is touched
+            refuse_if_running(output_dir)
         ckpt_path = self._state_path(self.config.fit.get("ckpt_path"), existing, output_dir)
+        if ckpt_path:
+            self._check_resume(ckpt_path)
         if not ckpt_path and existing:
             if not self.config.fit.training.overwrite_output_dir:
                 raise ConfigError(
@@ -275,6 +315,30 @@ class QwenCLI(LightningCLI):
                     shutil.rmtree(path)
         self._ckpt_path = ckpt_path
 
+    def _check_resume(self, ckpt_path: str) -> None:
+        """The checkpoint's recorded config against this run's: what would change the interrupted epoch's data
+        order or the saved shapes is refused in one line; other changes are reported."""
+        folder = next(
+            (p for p in (Path(ckpt_path), *Path(ckpt_path).parents) if checkpoint_step(p) is not None), None
+        )
+        if folder is None or not (folder / INFO_FILE).is_file():
+            return
+        info = json.loads((folder / INFO_FILE).read_text())
+        now = json.loads(json.dumps(self.resolution.config, default=str))
+        refused, reported = resume_changes(
+            info.get("config", {}), now, info.get("world_size"), self.trainer.world_size
+        )
+        if refused:
+            raise ConfigError(
+                f"ckpt_path: resuming {folder.name} with {'; '.join(refused)}; keep the saved value(s), or start a "
+                "new run from its hf_model/ (model.pretrained_name)"
+            )
+        if reported:
+            say(
+                f"resuming {folder.name} with changed settings: {'; '.join(reported)} (the optimizer state and the "
+                "learning-rate schedule come from the checkpoint)"
+            )
+
     def fit(self, model, datamodule=None, **kwargs) -> None:
         # weights_only: a checkpoint file never runs code when it is loaded, whatever it contains
         kwargs = {**kwargs, "ckpt_path": self._ckpt_path, "weights_only": True}
@@ -283,7 +347,10 @@ class QwenCLI(LightningCLI):
             refuse_unsafe_checkpoint(f"ckpt_path: {self._ckpt_path}"),
             marked_running(output_dir, self.trainer.is_global_zero),
         ):
-            self.trainer.fit(model, datamodule=datamodule, **kwargs)
+            try:
+                self.trainer.fit(model, datamodule=datamodule, **kwargs)
+            except SIGTERMException:  # Lightning's is a SystemExit with status 0: a scheduler must see a stop
+                raise SystemExit(128 + signal.SIGTERM) from None
 
     def after_fit(self) -> None:
         self._final_evaluation()
@@ -331,6 +398,8 @@ class QwenCLI(LightningCLI):
 
 def run_lightning_cli(args: list[str] | None = None, exit_on_error: bool = True) -> QwenCLI:
     """``exit_on_error=False`` (the Python API): a bad argument raises ``ConfigError`` instead of exiting."""
+    quiet_library_chatter()
+    check_config_files(sys.argv[1:] if args is None else args)
     try:
         return QwenCLI(
             QwenClassifier,

@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoProcessor
 
@@ -52,11 +52,19 @@ def read_rows(jsonl_files: str | Sequence[str], dataset_configs: dict[str, Datas
         if not path.is_file():
             raise DataError(f"{path}: data file not found")
         base = path.resolve().parent
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        before = len(rows)
+        with path.open("rb") as fh:  # decoded line by line, so an encoding error names its line
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is fine
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{path}:{lineno}: not UTF-8 text ({e.reason}, byte 0x{raw[e.start]:02x}); save the file "
+                        "as UTF-8"
+                    ) from None
                 if line.strip():
                     rows.append(_parse_row(line, f"{path}:{lineno}", base, names, dataset_configs))
-        if not rows:
+        if len(rows) == before:
             raise DataError(f"{path}: no rows")
     return rows
 
@@ -89,14 +97,57 @@ def _parse_row(line: str, where: str, base: Path, names: list[str], configs: dic
     if not 0 <= label < num_classes:
         raise DataError(f"{where}: label {label} out of range for dataset {dataset!r} (0..{num_classes - 1})")
     image_path = Path(image) if Path(image).is_absolute() else base / image
+    if image_path.is_dir():
+        raise DataError(f"{where}: {image_path} is a folder, not an image")
     if not image_path.is_file():
         raise DataError(f"{where}: image not found: {image_path}")
     try:
-        with Image.open(image_path):  # reads the header only: a cheap check that it is an image at all
-            pass
-    except (OSError, ValueError) as e:
+        with Image.open(image_path) as im:  # reads the header only: a cheap check that it is an image at all
+            size_problem = image_size_problem(*im.size)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: not a readable image: {image_path} ({e})") from None
+    if size_problem:
+        raise DataError(f"{where}: {image_path}: {size_problem}")
     return Row(image_path, label, names.index(dataset), where)
+
+
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses a longer side over 200 times the shorter
+
+
+def image_size_problem(width: int, height: int) -> str | None:
+    """Why the model's processor would refuse an image of this size, or None."""
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > MAX_ASPECT_RATIO:
+        return (
+            f"{width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; Qwen2.5-VL's processor takes at most "
+            f"{MAX_ASPECT_RATIO}:1 (crop or pad it)"
+        )
+    return None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB the way image libraries' users expect: EXIF orientation applied; 16-bit (and 32-bit integer)
+    grey levels scaled by their type's range, 65535 -> 255, not clipped at 255 (which would binarise them);
+    float images taken as 0..1; transparency composited on white rather than dropped."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I"):  # I;16, I;16B, ... and I: a 16-bit PNG opens as either
+        levels = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.rint(np.asarray(im) * 255.0), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB (see :func:`to_rgb`); a size the processor refuses is a ``ValueError``."""
+    with Image.open(path) as im:
+        problem = image_size_problem(*im.size)
+        if problem:
+            raise ValueError(problem)
+        return to_rgb(im)
 
 
 def eval_subset(rows: list[Row], configs: dict[str, DatasetConfig], seed: int = 0) -> list[Row]:
@@ -124,9 +175,8 @@ class ImageRowsDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, int, int] | None:
         row = self.rows[i]
         try:
-            with Image.open(row.image_path) as im:
-                return im.convert("RGB"), row.label, row.dataset_idx
-        except (OSError, ValueError) as e:
+            return load_image(row.image_path), row.label, row.dataset_idx
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             if self.on_bad_image == "skip":
                 return None
             raise DataError(

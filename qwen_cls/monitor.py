@@ -44,6 +44,8 @@ def quiet_library_chatter() -> None:
         "ignore", r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated", FutureWarning
     )
     warnings.filterwarnings("ignore", "When saving the DeepSpeed Stage 3 checkpoint")
+    # our datamodule saves and restores the position in the epoch (ResumableSampler), which Lightning cannot see
+    warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoAdverts) for f in lightning_info.filters):
         lightning_info.addFilter(_NoAdverts())

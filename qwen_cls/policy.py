@@ -79,6 +79,7 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
     for key in ("save_steps", "logging_steps", "eval_steps"):
         if int(training.get(key, 1)) < 1:
             raise ConfigError(f"training.{key}: must be >= 1, got {training.get(key)}")
+    _check_run_length_and_rates(training)
 
     user_trainer = cfg.get("trainer") or {}
     overrides: list[Override] = []
@@ -144,9 +145,72 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
     return Resolution(cfg, trainer, checkpoint, overrides)
 
 
+def _check_run_length_and_rates(training: Mapping[str, Any]) -> None:
+    """Values AdamW or the loop would take without complaint (or with a traceback) but that train nothing."""
+    if "lr" in training and not float(training["lr"]) > 0:
+        raise ConfigError(f"training.lr: must be > 0, got {training['lr']}")
+    if float(training.get("warmup_steps", 0)) < 0:
+        raise ConfigError(f"training.warmup_steps: must be >= 0, got {training['warmup_steps']}")
+    if float(training.get("weight_decay", 0)) < 0:
+        raise ConfigError(f"training.weight_decay: must be >= 0, got {training['weight_decay']}")
+    max_steps = int(training.get("max_steps", -1))
+    if max_steps == 0 or max_steps < -1:
+        raise ConfigError(
+            f"training.max_steps: {max_steps} trains nothing; use a positive number, or -1 for all epochs"
+        )
+    if int(training.get("epochs", 1)) < 1:
+        raise ConfigError(f"training.epochs: must be >= 1, got {training['epochs']}")
+
+
 def best_metric_names(dataset_configs: Mapping[str, Any]) -> list[str]:
     """The metrics ``best_model_tracking.metric`` may name."""
     names = ["overall_accuracy", "overall_loss", "overall_top5_accuracy"]
     for dataset in dataset_configs:
         names += [f"{dataset}_accuracy", f"{dataset}_loss"]
     return names
+
+
+# What a resume may not change: the data order of the interrupted epoch or the shapes in the saved state.
+RESUME_FIXED = {
+    "data.batch_size": "which rows each step trains on",
+    "trainer.accumulate_grad_batches": "which rows each optimizer step trains on",
+    "seed_everything": "the shuffled data order",
+    "data.train_jsonl": "the training rows",
+    "model.num_labels": "the head's shape",
+    "loss.type": "the head (arcface trains a cosine head)",
+    "datasets.dataset_configs": "the labels and the logits masking",
+}
+_NOT_SETTINGS = ("config", "ckpt_path")
+
+
+def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if dotted in RESUME_FIXED or not isinstance(value, Mapping):
+            flat[dotted] = value
+        else:
+            flat.update(_flatten(value, f"{dotted}."))
+    return flat
+
+
+def resume_changes(
+    saved: Mapping[str, Any], now: Mapping[str, Any], saved_world: int | None, world: int
+) -> tuple[list[str], list[str]]:
+    """A checkpoint's recorded config against the resuming run's: the changes to refuse (each with why),
+    and the others, to report. Both configs are resolved, JSON-like dicts."""
+    old, new = _flatten(saved), _flatten(now)
+    refused, reported = [], []
+    for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] in _NOT_SETTINGS or old.get(key) == new.get(key):
+            continue
+        change = f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}"
+        (refused if key in RESUME_FIXED else reported).append(
+            f"{change} (it decides {RESUME_FIXED[key]})" if key in RESUME_FIXED else change
+        )
+    if saved_world is not None and saved_world != world:
+        refused.append(
+            f"trainer.devices x trainer.num_nodes: {saved_world} -> {world} processes (it decides which rows each "
+            "process trains on, and how the optimizer state is sharded)"
+        )
+    return refused, reported

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from qwen_cls.checkpoint import HF_DIR, INFO_FILE
+from qwen_cls.data import image_size_problem, load_image, to_rgb
 from qwen_cls.errors import ConfigError, DataError
 from qwen_cls.evaluation import _processor_path, load_module, make_datamodule, read_setup, resolve_checkpoint
 from qwen_cls.losses import mask_logits
@@ -93,7 +94,7 @@ class Predictor:
                 row: dict[str, Any] = {"input": str(image) if isinstance(image, str | Path) else None}
                 try:
                     opened.append((_open(image), -1, dataset_idx))
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
                     row["error"] = f"cannot read image: {e}"
                 rows.append(row)
             if opened:
@@ -114,9 +115,11 @@ class Predictor:
 
 def _open(image: Image.Image | str | Path) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as im:
-        return im.convert("RGB")
+        problem = image_size_problem(*image.size)
+        if problem:
+            raise ValueError(problem)
+        return to_rgb(image)
+    return load_image(image)
 
 
 def _inputs(path: Path) -> list[tuple[Path, str | None, dict[str, Any]]]:

@@ -131,6 +131,11 @@ def write_report(run_dir: str, output: str | None = None) -> Path:
             "`qwen-cls fit --config <its config> --ckpt_path last`."
         ),
     }.get(status, f"**{status}**: {reached} steps so far.")
+    if status.startswith("stopped by"):
+        state = (
+            f"**Stopped by signal** ({status.removeprefix('stopped by ')}) at step {reached} of {planned or '?'}, "
+            "its checkpoint complete; resume with `qwen-cls fit --config <its config> --ckpt_path last`."
+        )
     lines += [state, ""]
 
     perf = _medians(

@@ -60,9 +60,7 @@ def qwen_cls(*args: str, kill_group: bool = False) -> subprocess.CompletedProces
 
 
 def fit_with_logits(config: dict, path: Path, rows: Path) -> dict:
-    out = run(
-        "-m", "tests.ds_helpers", str(write_config(path, config)), str(rows), str(path.with_suffix(".pt"))
-    )
+    out = run("-m", "tests.helpers", str(write_config(path, config)), str(rows), str(path.with_suffix(".pt")))
     assert out.returncode == 0, out.stderr[-4000:]
     return torch.load(path.with_suffix(".pt"), weights_only=True)
 
@@ -70,7 +68,9 @@ def fit_with_logits(config: dict, path: Path, rows: Path) -> dict:
 def killed_and_resumed(config: dict, tmp_path: Path) -> Path:
     """The same run SIGKILLed (every rank) right after step 4, then resumed with --ckpt_path last."""
     killed = json.loads(json.dumps(config))
-    killed["trainer"]["callbacks"] = [{"class_path": "tests.ds_helpers.KillAtStep", "init_args": {"step": 4}}]
+    killed["trainer"]["callbacks"] = [
+        {"class_path": "tests.helpers.SignalAtStep", "init_args": {"step": 4, "group": True}}
+    ]
     out = qwen_cls(
         "fit",
         "--config",

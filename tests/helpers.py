@@ -1,0 +1,69 @@
+"""Helpers that run inside the `qwen-cls fit` processes of tests: callbacks given in a test's YAML, and a
+script that fits and then computes the trained module's logits on every rank."""
+
+from __future__ import annotations
+
+import os
+import signal as signal_module
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+
+class SignalAtStep(Callback):
+    """Send ``signal`` once optimizer step ``step`` is done: to this process, or with ``group`` to its whole
+    process group (every rank; SIGKILL then is a node lost without warning). A real signal at a step chosen
+    exactly, rather than by a race with a timer."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL", group: bool = False):
+        self.step, self.signum, self.group = step, getattr(signal_module, signal), group
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not getattr(self, "_sent", False):
+            self._sent = True
+            if self.group:
+                os.killpg(os.getpgid(0), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
+
+
+class PauseAtStep(Callback):
+    """Wait after optimizer step ``step`` until ``resume_file`` exists (at most ``timeout`` seconds): a run
+    that is certainly in progress while a test acts beside it. Lightning runs checkpoint callbacks after the
+    others, so a checkpoint of ``step`` is written only after this pause; pause one step later for it."""
+
+    def __init__(self, step: int, resume_file: str, timeout: float = 120.0):
+        self.step, self.resume_file, self.timeout = step, Path(resume_file), timeout
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            deadline = time.monotonic() + self.timeout
+            while not self.resume_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+def fit_and_save_logits(config: str, rows: str, out: str) -> None:
+    """`qwen-cls fit --config CONFIG`, then the trained module's logits on the first 8 rows of ROWS, computed
+    by every rank (under ZeRO-3 each forward gathers the partitions) and saved by rank 0 with the batch."""
+    import torch
+
+    from qwen_cls.cli import run_lightning_cli
+    from qwen_cls.data import ImageRowsDataset, read_rows
+
+    cli = run_lightning_cli(["fit", "--config", config])
+    dataset = ImageRowsDataset(read_rows(rows, cli.datamodule.dataset_configs))
+    batch = cli.datamodule.collator()([dataset[i] for i in range(8)])
+    module = cli.model.eval()
+    with torch.no_grad():
+        logits = module({k: v.to(module.device) for k, v in batch.items()}).float().cpu()
+    if cli.trainer.is_global_zero:
+        torch.save({"logits": logits, "batch": batch}, out)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # gloo's threads would abort the interpreter's exit otherwise
+
+
+if __name__ == "__main__":
+    fit_and_save_logits(*sys.argv[1:])

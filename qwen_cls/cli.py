@@ -137,6 +137,8 @@ def check_config_files(args: list[str]) -> None:
             path = Path(args[i + 1])
         else:
             continue
+        if "\n" in str(path) or str(path).lstrip().startswith("{"):
+            continue  # the config itself, inline (the Python API passes it so)
         if not path.is_file():
             raise ConfigError(f"--config: {path} not found")
         try:

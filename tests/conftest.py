@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import os
 import subprocess
@@ -90,6 +91,17 @@ DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "
 def child_env() -> dict[str, str]:
     """The environment for a multi-process child run."""
     return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+
+
+def losses_by_step(run: Path) -> dict[int, float]:
+    """``train/loss`` by optimizer step over every start of a run (a resume logs into its own version)."""
+    losses = {}
+    for log in sorted((run / "logs").glob("version_*/metrics.csv")):
+        with log.open() as fh:
+            losses.update(
+                {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r["train/loss"]}
+            )
+    return losses
 
 
 def start_qwen_cls(*args: str) -> subprocess.Popen:

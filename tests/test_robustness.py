@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import pickle
@@ -23,7 +22,7 @@ from qwen_cls.errors import CheckpointError
 from qwen_cls.evaluation import evaluate
 from qwen_cls.model import MODEL_INPUTS, QwenVLForImageClassification
 from qwen_cls.reporting import write_report
-from tests.conftest import base_config, start_qwen_cls, write_config
+from tests.conftest import base_config, losses_by_step, start_qwen_cls, write_config
 
 
 def fit_cli(tmp_path: Path, config: dict, *extra: str, capsys=None) -> tuple[int, str]:
@@ -211,16 +210,6 @@ def test_a_crash_while_saving_leaves_earlier_checkpoints_whole_and_resumable(
     cli = run_lightning_cli(["fit", "--config", str(path), "--ckpt_path", "last"])
     assert cli.trainer.global_step == 12
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-5", "checkpoint-10", "checkpoint-12"]
-
-
-def losses_by_step(run: Path) -> dict[int, float]:
-    losses = {}
-    for log in sorted((run / "logs").glob("version_*/metrics.csv")):
-        with log.open() as fh:
-            losses.update(
-                {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r["train/loss"]}
-            )
-    return losses
 
 
 def test_resume_after_sigkill_continues_exactly(tiny_model, demo_data, tmp_path):

@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from qwen_cls.cli import QwenCLI
 from qwen_cls.data import QwenDataModule
 from qwen_cls.model import QwenClassifier
+from qwen_cls.strategy import deepspeed_kwargs
 from tests.conftest import REPO, base_config, write_config
 
 
@@ -32,6 +34,13 @@ def test_reference_configs_parse():
     assert out.returncode == 0, out.stderr
     assert "skip_evaluation: true" in out.stdout and "num_labels: 101" in out.stdout
     assert "project: qwen_classify_no_eval" in out.stdout
+    out = qwen_cls("fit", "--config", "configs/qwen72b_zero3_offload.yaml", "--print_config")
+    assert out.returncode == 0, out.stderr
+    config = yaml.safe_load(out.stdout)
+    kwargs = deepspeed_kwargs(config["trainer"]["strategy"], config["deepspeed"], 2, 4, 1.0)
+    zero = kwargs["config"]["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert kwargs["config"]["train_micro_batch_size_per_gpu"] == 2
 
 
 def test_demo_config_instantiates(tiny_model, demo_data, tmp_path):

@@ -299,8 +299,6 @@ class QwenCheckpoint(ModelCheckpoint):
         self._saved: list[str] = []
         self._elapsed_before = 0.0
         self._started = time.monotonic()
-        self._loss_sum = 0.0
-        self._loss_count = 0
         self._at_train_end = False
         self.stopped_by: str | None = None  # the signal that stopped the run, recorded in training_info.json
 
@@ -311,10 +309,6 @@ class QwenCheckpoint(ModelCheckpoint):
         self._started = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # {} for a skipped step
-        if loss is not None:
-            self._loss_sum += float(loss.detach())
-            self._loss_count += 1
         if self.monitor is None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         elif trainer.global_step % self._every_n_train_steps == 0 and not self._should_skip_saving_checkpoint(
@@ -364,20 +358,18 @@ class QwenCheckpoint(ModelCheckpoint):
             shutil.rmtree(tmp)
         trainer.strategy.barrier("qwen_cls_checkpoint_start")
         deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
+        trainer.lightning_module.raise_if_nonfinite()  # never a checkpoint of weights a NaN step wrecked
         trainer.save_checkpoint(resume_state_path(tmp, deepspeed), self.save_weights_only)
-        loss = trainer.strategy.reduce(
-            torch.tensor(self._loss_sum / max(self._loss_count, 1)), reduce_op="mean"
-        )
+        loss = trainer.lightning_module.take_loss("save")  # the mean since the previous save, all ranks
         weights = None
         if zero_stage_3(trainer.strategy):  # every rank takes part in gathering the partitions
             weights = gathered_state_dict(trainer.lightning_module.net, keep=trainer.is_global_zero)
         if trainer.is_global_zero:
             self._write_hf_model(trainer, tmp / HF_DIR, weights)
-            self._write_info(trainer, tmp / INFO_FILE, float(loss) if self._loss_count else None)
+            self._write_info(trainer, tmp / INFO_FILE, None if loss is None else float(loss))
             replace_folder(tmp, final)
         self._apply_retention(trainer, final)
         trainer.strategy.barrier("qwen_cls_checkpoint_end")
-        self._loss_sum, self._loss_count = 0.0, 0
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = str(final)
         if trainer.is_global_zero:

@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -233,6 +234,15 @@ def chat_prompt(processor, template: str, dataset: str, description: str) -> str
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def auto_num_workers(cpus: int, processes_per_node: int, cuda: bool) -> int:
+    """``data.num_workers: auto``: the cores each process has, less one for its main (compute) thread, at
+    most 8; none where a CPU-only process has 2 cores or fewer (workers would take them from the compute)."""
+    per_process = cpus // max(1, processes_per_node)
+    if not cuda and per_process <= 2:
+        return 0
+    return max(0, min(8, per_process - 1))
+
+
 class QwenDataModule(L.LightningDataModule):
     """The ``data:`` section.
 
@@ -241,7 +251,8 @@ class QwenDataModule(L.LightningDataModule):
         val_jsonl: validation JSONL file(s); not needed with ``training.skip_evaluation``.
         batch_size: samples per device per step.
         eval_batch_size: samples per device in evaluation (default: ``batch_size``).
-        num_workers: dataloader worker processes (decoding and the processor run there).
+        num_workers: dataloader worker processes (decoding and the processor run there); ``auto``: the
+            cores per process less one, at most 8, and none on a CPU-only process with 2 cores or fewer.
         min_pixels: the processor's lower bound on image area (images are resized to fit).
         max_pixels: the processor's upper bound on image area.
         prompt_template: the question after the image; ``{dataset}`` and ``{description}`` are filled in.
@@ -259,7 +270,7 @@ class QwenDataModule(L.LightningDataModule):
         val_jsonl: str | list[str] | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int | Literal["auto"] = "auto",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         prompt_template: str = DEFAULT_PROMPT,
@@ -331,14 +342,21 @@ class QwenDataModule(L.LightningDataModule):
         ]
         return Collator(processor, prompts)
 
+    def workers(self) -> int:
+        if self.num_workers != "auto":
+            return self.num_workers
+        processes = self.trainer.num_devices if self.trainer is not None else 1
+        return auto_num_workers(len(os.sched_getaffinity(0)), processes, torch.cuda.is_available())
+
     def _loader(self, dataset: ImageRowsDataset, batch_size: int, sampler=None) -> DataLoader:
+        workers = self.workers()
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             collate_fn=self.collator(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
         )
 
     def _world(self) -> tuple[int, int]:

@@ -309,8 +309,18 @@ class QwenClassifier(L.LightningModule):
         self.last_eval_step = -1
         self.samples_seen = 0
         self.skipped_steps = 0
-        self.skipped_images = 0  # unreadable images left out with data.on_bad_image: skip (this rank)
-        self._loss_sum, self._loss_count = 0.0, 0  # finite losses of the micro-batches of this optimizer step
+        self._skipped_images_before = 0  # from the checkpoint resumed
+        # on the device, read at logging steps and saves (see training_step)
+        self.register_buffer("_skipped_images", torch.zeros((), dtype=torch.long), persistent=False)
+        # the sum of losses and the number of micro-batches since the last logging step, and since the last save
+        self.register_buffer("_loss_log", torch.zeros(2), persistent=False)
+        self.register_buffer("_loss_save", torch.zeros(2), persistent=False)
+        self.register_buffer("_bad_step", torch.tensor(-1), persistent=False)
+        self.register_buffer("_bad_loss", torch.tensor(0.0), persistent=False)
+        self.register_buffer(
+            "_bad_datasets", torch.zeros(len(self.dataset_names), dtype=torch.bool), persistent=False
+        )
+        self._positions: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch) since the last check
         self._deepspeed_norm_step = -1  # DeepSpeed's optimizer step whose gradient norm was last logged
 
     def configure_model(self) -> None:
@@ -351,48 +361,100 @@ class QwenClassifier(L.LightningModule):
         return columns[None, :] < self.dataset_num_classes[dataset_idx][:, None]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """No host synchronisation and no collective outside logging steps: the loss tally, the non-finite
+        watch and the skipped-image count stay on the device and are read once per logging step (and at each
+        save). The one exception is ``on_nonfinite_loss: skip_step``, which must decide before backward."""
         logits = self(batch)
         valid = self.valid_classes(batch["dataset_idx"])
         loss = classification_loss(logits, batch["labels"], self.loss_config, valid)
-        if not self._loss_is_finite(loss, batch):
-            return None  # on_nonfinite_loss: skip_step; Lightning skips backward and the optimizer step
-        batch_size = batch["labels"].shape[0]
-        if "skipped_images" in batch and int(batch["skipped_images"]):
-            self.skipped_images += int(batch["skipped_images"])
-            self.log("train/skipped_images", float(self.skipped_images), on_step=True, reduce_fx="sum")
+        step = self.trainer.global_step + 1
+        if self.hparams.on_nonfinite_loss == "skip_step" and not self._finite_on_every_rank(
+            loss, batch, step
+        ):
+            return None  # Lightning skips backward and the optimizer step
+        if self.hparams.on_nonfinite_loss == "error":
+            self._watch_finite(loss.detach(), batch, step)
+        if "skipped_images" in batch:
+            self._skipped_images = self._skipped_images + batch["skipped_images"]
         if self.hparams.log_dataset_metrics:
             self._log_dataset_metrics(logits.detach(), batch, valid)
-        self.samples_seen += batch_size * self.trainer.world_size
-        self._loss_sum, self._loss_count = self._loss_sum + loss.detach(), self._loss_count + 1
-        step = self.trainer.global_step + 1
-        if step % self.trainer.log_every_n_steps == 0 or step >= self.trainer.max_steps > 0:
-            # only where Lightning hands metrics to the loggers: each log call costs (~0.1 ms)
+        self.samples_seen += batch["labels"].shape[0] * self.trainer.world_size
+        tally = torch.stack([loss.detach().float(), torch.ones_like(loss, dtype=torch.float)])
+        self._loss_log += tally
+        self._loss_save += tally
+        if self.is_logging_step(step):  # where Lightning hands metrics to the loggers; a log costs ~0.1 ms
             self.log(
                 "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True
             )
             self.log("train/epoch", float(self.current_epoch), on_step=True)
-        # Lightning takes a logged "step" as the x-axis: the optimizer step this batch completes, the number
-        # in the checkpoint names (its default is that number minus one)
-        self.log("step", float(step), on_step=True, on_epoch=False)
+            # Lightning takes a logged "step" as the x-axis: the optimizer step this batch completes, the number
+            # in the checkpoint names (its default is that number minus one)
+            self.log("step", float(step), on_step=True, on_epoch=False)
         return loss
 
-    def _loss_is_finite(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> bool:
-        """All ranks agree (one scalar all-reduce), so a skip never leaves a rank waiting in backward."""
+    def is_logging_step(self, step: int) -> bool:
+        return step % self.trainer.log_every_n_steps == 0 or step >= self.trainer.max_steps > 0
+
+    def _watch_finite(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], step: int) -> None:
+        """Remember, on the device, the first step whose loss was not finite and its datasets;
+        :meth:`raise_if_nonfinite` reads it at logging steps and before every save."""
+        bad = ~torch.isfinite(loss)
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, step, self._bad_step)
+        self._bad_loss = torch.where(first, loss.float(), self._bad_loss)
+        seen = (
+            batch["dataset_idx"][:, None] == torch.arange(len(self.dataset_names), device=loss.device)
+        ).any(0)
+        self._bad_datasets = torch.where(first, seen, self._bad_datasets)
+        self._positions[step] = (self.current_epoch, self.trainer.fit_loop.epoch_loop.batch_idx)
+
+    def raise_if_nonfinite(self) -> None:
+        """One read (and one all-gather across ranks): stop, naming the first non-finite step, if any."""
+        if self.hparams.on_nonfinite_loss != "error":
+            return
+        steps = self.trainer.strategy.all_gather(self._bad_step).reshape(-1).tolist()
+        positions, self._positions = self._positions, {}
+        bad = [s for s in steps if s >= 0]
+        if not bad:
+            return
+        step = min(bad)
+        epoch, batch_idx = positions.get(step, (self.current_epoch, "?"))
+        if int(self._bad_step) == step:
+            datasets = [
+                n for n, seen in zip(self.dataset_names, self._bad_datasets.tolist(), strict=True) if seen
+            ]
+            what = f"the loss is {float(self._bad_loss)} on a batch of dataset(s) {', '.join(datasets)}"
+        else:
+            what = "the loss is not finite on another rank's batch"
+        raise NonFiniteLossError(
+            f"training step {step} (epoch {epoch}, batch {batch_idx}): {what}; lower training.lr or "
+            "loss.temperature's divisor, check the data, or set training.on_nonfinite_loss: skip_step"
+        )
+
+    def _finite_on_every_rank(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], step: int) -> bool:
+        """skip_step: a host read and one scalar all-reduce per step, the price of deciding before backward;
+        all ranks agree, so a skip never leaves a rank waiting in backward."""
         if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return True
-        step = self.trainer.global_step + 1
         datasets = sorted({self.dataset_names[i] for i in batch["dataset_idx"].tolist()})
         where = f"training step {step} (epoch {self.current_epoch}, batch {self.trainer.fit_loop.epoch_loop.batch_idx})"
-        if self.hparams.on_nonfinite_loss == "error":
-            raise NonFiniteLossError(
-                f"{where}: the loss is {float(loss)} on a batch of dataset(s) {', '.join(datasets)}; lower "
-                "training.lr or loss.temperature's divisor, check the data, or set training.on_nonfinite_loss: "
-                "skip_step"
-            )
         self.skipped_steps += 1
         rank_zero_warn(f"{where}: non-finite loss on dataset(s) {', '.join(datasets)}; step skipped")
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
         return False
+
+    @property
+    def skipped_images(self) -> int:
+        """Unreadable images left out with ``data.on_bad_image: skip`` (this rank); a host read."""
+        return self._skipped_images_before + int(self._skipped_images)
+
+    def take_loss(self, window: str) -> torch.Tensor | None:
+        """The mean training loss over all ranks since this window (``log`` or ``save``) was last taken, or
+        None without a finite loss in it; one all-reduce."""
+        name = f"_loss_{window}"
+        tally = self.trainer.strategy.reduce(getattr(self, name).clone(), reduce_op="sum")
+        getattr(self, name).zero_()
+        return tally[0] / tally[1] if float(tally[1]) > 0 else None
 
     def _log_dataset_metrics(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], valid) -> None:
         losses = classification_loss(logits, batch["labels"], self.loss_config, valid, reduction="none")
@@ -414,19 +476,22 @@ class QwenClassifier(L.LightningModule):
             and not strategy.deepspeed_engine.is_gradient_accumulation_boundary()
         ):
             return  # DeepSpeed accumulates itself: Lightning calls this hook for every micro-batch
-        if self._loss_count:
-            mean = self._loss_sum / self._loss_count  # the mean over all ranks (one scalar all-reduce)
-            self.log("train/loss", mean, prog_bar=True, on_step=True, sync_dist=True)
-            self._loss_sum, self._loss_count = 0.0, 0
-        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps:
+        if not self.is_logging_step(self.trainer.global_step + 1):
             return
+        mean = self.take_loss("log")  # the mean over the window's micro-batches on all ranks
+        if mean is not None:
+            self.log("train/loss", mean, prog_bar=True, on_step=True)
+        if int(self._skipped_images):
+            self.log("train/skipped_images", float(self.skipped_images), on_step=True)
         norms = [p.grad.detach().float().norm() for p in self.net.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
 
     def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Under DeepSpeed ``p.grad`` is None (gradients live in its partitioned buffers): on logging steps,
-        the global norm before clipping that its optimizer step computed."""
+        """On logging steps: stop if a loss was not finite; under DeepSpeed, where ``p.grad`` is None
+        (gradients live in its partitioned buffers), log the global norm before clipping of its last step."""
+        if self.is_logging_step(self.trainer.global_step):
+            self.raise_if_nonfinite()
         strategy = self.trainer.strategy
         if (
             not isinstance(strategy, DeepSpeedStrategy)
@@ -493,7 +558,7 @@ class QwenClassifier(L.LightningModule):
         state = checkpoint.get("qwen_cls", {})
         self.samples_seen = state.get("samples_seen", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
-        self.skipped_images = state.get("skipped_images", 0)
+        self._skipped_images_before = state.get("skipped_images", 0)
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
             random.setstate(state["python_rng"])

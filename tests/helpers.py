@@ -67,3 +67,16 @@ def fit_and_save_logits(config: str, rows: str, out: str) -> None:
 
 if __name__ == "__main__":
     fit_and_save_logits(*sys.argv[1:])
+
+
+STEP = {"current": 0}  # the optimizer step in progress, for tests that attribute calls to steps
+
+
+class StepClock(Callback):
+    """Keeps ``STEP["current"]`` at the optimizer step the batch in progress completes (0 outside training)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        STEP["current"] = trainer.global_step + 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        STEP["current"] = 0

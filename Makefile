@@ -34,6 +34,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/overhead.py
+	$(PY) bench/profile_step.py
 	$(PY) bench/eval_all.py
 
 clean:

@@ -1,7 +1,8 @@
 """Side-by-side timings on one machine, in one run (`make bench`). Prints ratios; asserts nothing.
 
-1. framework overhead: `qwen-cls fit` (no-evaluation mode) vs a bare PyTorch loop, training steps/s,
-   median of alternating repeated pairs;
+1. framework overhead: `qwen-cls fit` (no-evaluation mode) vs a bare PyTorch loop, training steps/s in the
+   loop and whole processes (`qwen-cls fit` vs `bench/bare_loop.py`, start-up included), median of
+   alternating repeated pairs; ms-swift's `seq_cls` on the same work when it is installed (skipped otherwise);
 2. skip-evaluation speed-up: no-evaluation vs standard mode (full validation every `save_steps`),
    same steps and checkpoints, wall time of the fit;
 3. cost of keeping every checkpoint: training steps/s saving every `save_steps` vs saving nothing until
@@ -18,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -32,7 +37,7 @@ from lightning.pytorch import Callback
 from report import report
 
 from qwen_cls.cli import QwenCLI
-from qwen_cls.data import QwenDataModule, export_demo_data
+from qwen_cls.data import QwenDataModule, auto_num_workers, export_demo_data
 from qwen_cls.model import QwenClassifier
 from qwen_cls.tiny import make_tiny
 
@@ -77,6 +82,13 @@ def run_fit(config: dict, workdir: Path, name: str) -> StepTimer:
     return timer
 
 
+def whole_process(command: list[str]) -> float:
+    """Wall seconds of a command, start-up and all, as a user waits for it."""
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
 def monitor_summary(run_dir: Path) -> dict[str, float]:
     """What the monitor logged, over its windows after the first (start-up): samples/s as total samples over
     total time (comparable with this script's timing), the rest as medians."""
@@ -99,6 +111,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/overhead.json")
     args = ap.parse_args()
+    workers = auto_num_workers(
+        len(os.sched_getaffinity(0)), 1, torch.cuda.is_available()
+    )  # what fit's auto picks
     model = Path("outputs/tiny-qwen2.5-vl")
     data = Path("outputs/mnist")
     if not (model / "config.json").exists():
@@ -113,7 +128,7 @@ def main() -> None:
             "train_jsonl": str(data / "train.jsonl"),
             "val_jsonl": str(data / "val.jsonl"),
             "batch_size": args.batch_size,
-            "num_workers": 1,
+            "num_workers": "auto",
         },
         "training": {
             "max_steps": args.steps,
@@ -142,12 +157,24 @@ def main() -> None:
         # every comparison in alternating repeats: on a small shared machine one run differs by +-10% from the
         # next, so each ratio is taken within one repeat and the median over repeats is reported
         runs: dict[str, list] = {"bare": [], **{name: [] for name in variants}}
+        bare_command = [sys.executable, "bench/bare_loop.py", "--model", str(model), "--train",
+                         str(data / "train.jsonl"), "--steps", str(args.steps), "--batch_size",
+                         str(args.batch_size), "--num_workers", str(workers)]  # fmt: skip
+        fit_config = work / "whole.yaml"
+        fit_config.write_text(
+            yaml.safe_dump({**config, "training": {**config["training"], "output_dir": str(work / "whole")}})
+        )
+        fit_command = [sys.executable, "-m", "qwen_cls", "fit", "--config", str(fit_config),
+                       "--training.overwrite_output_dir", "true"]  # fmt: skip
+        whole: dict[str, list[float]] = {"bare": [], "fit": []}
         for i in range(args.repeats):
             runs["bare"].append(
-                bare_loop(str(model), str(data / "train.jsonl"), args.steps, args.batch_size, 1, 2e-3)
+                bare_loop(str(model), str(data / "train.jsonl"), args.steps, args.batch_size, workers, 2e-3)
             )
             for name, variant in variants.items():
                 runs[name].append(run_fit(variant, work, f"{name}_{i}"))
+            whole["bare"].append(whole_process(bare_command))
+            whole["fit"].append(whole_process(fit_command))
         monitored = monitor_summary(work / f"no_eval_{args.repeats - 1}")
     loader_one_process = data_path(str(model), str(data / "train.jsonl"), 40, args.batch_size, 0)
     loader_workers = data_path(str(model), str(data / "train.jsonl"), 40, args.batch_size, 1)
@@ -166,9 +193,15 @@ def main() -> None:
         "repeats": args.repeats,
         "bare_loop_steps_per_s": round(statistics.median(b["steps_per_second"] for b in runs["bare"]), 3),
         "qwen_cls_steps_per_s": round(rate, 3),
+        "num_workers (auto)": workers,
         "framework_ratio": ratios(
             lambda i: no_eval[i].steps_per_second / runs["bare"][i]["steps_per_second"]
         ),
+        "whole_process_s bare / qwen-cls fit": f"{statistics.median(whole['bare']):.1f} / {statistics.median(whole['fit']):.1f}",
+        "whole_process_ratio (bare / fit)": ratios(lambda i: whole["bare"][i] / whole["fit"][i]),
+        "ms_swift": "installed, not wired into this script yet"
+        if find_spec("swift")
+        else "not installed: skipped",
         "skip_eval_time_ratio": ratios(lambda i: no_eval[i].fit_seconds / runs["standard"][i].fit_seconds),
         "keep_every_checkpoint_time_ratio": ratios(
             lambda i: runs["no_saving"][i].steps_per_second / no_eval[i].steps_per_second

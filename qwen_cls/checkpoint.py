@@ -298,6 +298,7 @@ class QwenCheckpoint(ModelCheckpoint):
         self.disk_check = disk_check
         self._saved: list[str] = []
         self._elapsed_before = 0.0
+        self._elapsed_at_save = 0.0  # training time when the latest save began (a resume continues from it)
         self._started = time.monotonic()
         self._at_train_end = False
         self.stopped_by: str | None = None  # the signal that stopped the run, recorded in training_info.json
@@ -359,6 +360,7 @@ class QwenCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("qwen_cls_checkpoint_start")
         deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
         trainer.lightning_module.raise_if_nonfinite()  # never a checkpoint of weights a NaN step wrecked
+        self._elapsed_at_save = self.elapsed_seconds()  # one value for the state and training_info.json
         trainer.save_checkpoint(resume_state_path(tmp, deepspeed), self.save_weights_only)
         loss = trainer.lightning_module.take_loss("save")  # the mean since the previous save, all ranks
         weights = None
@@ -469,7 +471,7 @@ class QwenCheckpoint(ModelCheckpoint):
             "skipped_images": module.skipped_images,
             "train_loss": train_loss,
             "learning_rate": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
-            "elapsed_seconds": round(self.elapsed_seconds(), 3),
+            "elapsed_seconds": round(self._elapsed_at_save, 3),
             "final": not self.stopped_by
             and (self._at_train_end or trainer.global_step >= trainer.estimated_stepping_batches),
             "stopped_by": self.stopped_by,
@@ -498,7 +500,7 @@ class QwenCheckpoint(ModelCheckpoint):
         return self._elapsed_before + time.monotonic() - self._started
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "elapsed_seconds": self.elapsed_seconds(), "saved": list(self._saved)}
+        return {**super().state_dict(), "elapsed_seconds": self._elapsed_at_save, "saved": list(self._saved)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -197,6 +197,9 @@ def main() -> None:
         "framework_ratio": ratios(
             lambda i: no_eval[i].steps_per_second / runs["bare"][i]["steps_per_second"]
         ),
+        "framework_ratio_without_mid_run_saves": ratios(
+            lambda i: runs["no_saving"][i].steps_per_second / runs["bare"][i]["steps_per_second"]
+        ),
         "whole_process_s bare / qwen-cls fit": f"{statistics.median(whole['bare']):.1f} / {statistics.median(whole['fit']):.1f}",
         "whole_process_ratio (bare / fit)": ratios(lambda i: whole["bare"][i] / whole["fit"][i]),
         "ms_swift": "installed, not wired into this script yet"

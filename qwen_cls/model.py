@@ -310,18 +310,24 @@ class QwenClassifier(L.LightningModule):
         self.samples_seen = 0
         self.skipped_steps = 0
         self._skipped_images_before = 0  # from the checkpoint resumed
-        # on the device, read at logging steps and saves (see training_step)
-        self.register_buffer("_skipped_images", torch.zeros((), dtype=torch.long), persistent=False)
-        # the sum of losses and the number of micro-batches since the last logging step, and since the last save
-        self.register_buffer("_loss_log", torch.zeros(2), persistent=False)
-        self.register_buffer("_loss_save", torch.zeros(2), persistent=False)
-        self.register_buffer("_bad_step", torch.tensor(-1), persistent=False)
-        self.register_buffer("_bad_loss", torch.tensor(0.0), persistent=False)
-        self.register_buffer(
-            "_bad_datasets", torch.zeros(len(self.dataset_names), dtype=torch.bool), persistent=False
-        )
+        self._new_step_state(torch.device("cpu"))
         self._positions: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch) since the last check
         self._deepspeed_norm_step = -1  # DeepSpeed's optimizer step whose gradient norm was last logged
+
+    def _new_step_state(self, device: torch.device) -> None:
+        """What the training step keeps on the device, read at logging steps and saves (see training_step).
+        Plain fp32 tensors, not buffers: a bf16 module (DeepSpeed bf16, bf16-true) would cast buffers, and a
+        sum of losses in bf16 is off by ~1% after a few steps."""
+        self._skipped_images = torch.zeros((), dtype=torch.long, device=device)
+        # the sum of losses and the number of micro-batches since the last logging step, and since the last save
+        self._loss_log = torch.zeros(2, device=device)
+        self._loss_save = torch.zeros(2, device=device)
+        self._bad_step = torch.tensor(-1, device=device)
+        self._bad_loss = torch.tensor(0.0, device=device)
+        self._bad_datasets = torch.zeros(len(self.dataset_names), dtype=torch.bool, device=device)
+
+    def on_train_start(self) -> None:
+        self._new_step_state(self.device)
 
     def configure_model(self) -> None:
         """Load weights lazily, once, so strategies (DeepSpeed ZeRO-3) can shape how the model is built."""

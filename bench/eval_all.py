@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import yaml
+from inputs import demo_inputs
 from report import report
 
 from qwen_cls.checkpoint import list_checkpoints
-from qwen_cls.data import export_demo_data
-from qwen_cls.tiny import make_tiny
 
 
 def timed(args: list[str]) -> float:
@@ -31,11 +30,7 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=int, default=5)
     ap.add_argument("--out", default="bench/results/eval_all.json")
     args = ap.parse_args()
-    model, data = Path("outputs/tiny-qwen2.5-vl"), Path("outputs/mnist")
-    if not (model / "config.json").exists():
-        make_tiny(model)
-    if not (data / "val.jsonl").exists():
-        export_demo_data(data)
+    model, data = demo_inputs()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         config = {

@@ -33,13 +33,13 @@ import torch
 import yaml
 from bare_loop import bare_loop
 from data_path import data_path
+from inputs import demo_inputs
 from lightning.pytorch import Callback
 from report import report
 
 from qwen_cls.cli import QwenCLI
-from qwen_cls.data import QwenDataModule, auto_num_workers, export_demo_data
+from qwen_cls.data import QwenDataModule, auto_num_workers
 from qwen_cls.model import QwenClassifier
-from qwen_cls.tiny import make_tiny
 
 
 class StepTimer(Callback):
@@ -114,12 +114,7 @@ def main() -> None:
     workers = auto_num_workers(
         len(os.sched_getaffinity(0)), 1, torch.cuda.is_available()
     )  # what fit's auto picks
-    model = Path("outputs/tiny-qwen2.5-vl")
-    data = Path("outputs/mnist")
-    if not (model / "config.json").exists():
-        make_tiny(model)
-    if not (data / "val.jsonl").exists():
-        export_demo_data(data)
+    model, data = demo_inputs()
 
     config = {
         "model": {"pretrained_name": str(model), "num_labels": 10},

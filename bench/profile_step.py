@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from inputs import demo_inputs
 
 from qwen_cls.cli import run_lightning_cli
-from qwen_cls.data import export_demo_data
-from qwen_cls.tiny import make_tiny
 
 OWNERS = {"qwen_cls": "/qwen_cls/", "lightning": "/lightning/", "torch": "/torch/", "transformers": "/transformers/",
           "data (PIL, processor, tokenizers)": ("/PIL/", "/tokenizers/", "image_processing", "processing_")}  # fmt: skip
@@ -35,11 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch_size", type=int, default=32)
     args = ap.parse_args()
-    model, data = Path("outputs/tiny-qwen2.5-vl"), Path("outputs/mnist")
-    if not (model / "config.json").exists():
-        make_tiny(model)
-    if not (data / "val.jsonl").exists():
-        export_demo_data(data)
+    model, data = demo_inputs()
     with tempfile.TemporaryDirectory() as tmp:
         config = {
             "model": {"pretrained_name": str(model), "num_labels": 10},

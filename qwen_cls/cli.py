@@ -298,10 +298,10 @@ class QwenCLI(LightningCLI):
         return output_dir, list_checkpoints(output_dir)
 
     def before_fit(self) -> None:
+        if self.trainer.is_global_zero:  # before anything in output_dir is touched (set-aside folders too)
+            refuse_if_running(self.config.fit.training.output_dir)
         output_dir, existing = self._existing()
         _check_writable(output_dir)
-        if self.trainer.is_global_zero:  # before anything in output_dir is touched
-            refuse_if_running(output_dir)
         ckpt_path = self._state_path(self.config.fit.get("ckpt_path"), existing, output_dir)
         if ckpt_path:
             self._check_resume(ckpt_path)

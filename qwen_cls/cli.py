@@ -474,6 +474,15 @@ def main(argv: list[str] | None = None) -> None:
     except QwenClsError as e:
         print(f"qwen-cls: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the process group before the interpreter exits: left to finalization, gloo's worker threads can
+    abort the process ("terminate called without an active exception", exit -6) after a run that succeeded.
+    Only on success: after an error, another rank may still be inside a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def one_line(error: QwenClsError) -> str:

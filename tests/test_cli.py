@@ -135,3 +135,17 @@ def test_progress_outside_a_terminal_is_plain_lines(tiny_model, demo_data, tmp_p
     assert all(f"| {key} " in lines[0] for key in ("loss", "lr", "samples/s")), lines[0]
     assert "steps/s" in lines[0] and "ETA" in lines[0]
     assert "\r" not in out and "\x1b" not in out
+
+
+def test_a_successful_command_ends_the_process_group(tmp_path):
+    """Left to interpreter exit, gloo's threads can abort a run that succeeded (exit -6 seen in CI)."""
+    script = (
+        "import torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "from qwen_cls.cli import main\n"
+        f"main(['make-tiny', '{tmp_path / 'tiny'}', '--hidden_size', '32', '--layers', '1'])\n"
+        "print('initialized after:', dist.is_initialized())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "initialized after: False" in done.stdout

@@ -3,8 +3,10 @@
 A ``ModelCheckpoint`` subclass, so Lightning's scheduling (``every_n_train_steps``), top-k retention and
 the strategy's own saving (DeepSpeed's sharded engine state, or the Lightning checkpoint on one device)
 are reused as they are. A checkpoint is written into a hidden temporary folder and renamed into place
-only once its three parts are complete, ``training_info.json`` last: a folder named ``checkpoint-<step>``
-is always whole.
+only once its parts are complete, ``training_info.json`` last: a folder named ``checkpoint-<step>`` is
+always whole. ``hf_model/`` and ``training_info.json`` make a checkpoint complete (every tool reads those);
+the resumable state ``deepspeed/`` may be kept only in the newest ones (``training.keep_state_last_n``).
+The files are written in the background by default (:mod:`qwen_cls.saving`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import shutil
 import socket
 import time
 import uuid
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -32,6 +36,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
 from qwen_cls.monitor import describe_device, say
+from qwen_cls.saving import (
+    BackgroundWriter,
+    HostCheckpointIO,
+    SaveFiles,
+    host_copy,
+    mark_done,
+    use_host_checkpoint_engine,
+    wait_for_ranks,
+)
 from qwen_cls.strategy import gathered_state_dict, load_into_partitions, zero_stage_3
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -147,7 +160,30 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / INFO_FILE).is_file() and (path / HF_DIR).is_dir() and (path / STATE_DIR).exists()
+    return (path / INFO_FILE).is_file() and (path / HF_DIR).is_dir()
+
+
+def has_state(path: Path) -> bool:
+    """Whether a checkpoint keeps its resumable state (``training.keep_state_last_n`` drops older ones)."""
+    return (path / STATE_DIR).is_dir()
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def training_dtype(precision: str) -> str:
+    """The dtype the module's weights had while training (DeepSpeed casts the module for 16-bit runs)."""
+    return (
+        "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
+    )
+
+
+def save_dtype(choice: str, precision: str) -> torch.dtype | None:
+    """``training.save_dtype`` for ``hf_model/``: ``auto`` is bfloat16 for a bf16 run, else the weights' own
+    dtype (None)."""
+    if choice == "auto":
+        return torch.bfloat16 if precision.startswith("bf16") else None
+    return DTYPES[choice]
 
 
 def scan_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -160,7 +196,7 @@ def scan_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple[Pat
         if step is None or not path.is_dir():
             continue
         if not is_complete(path):
-            missing = [n for n in (INFO_FILE, HF_DIR, STATE_DIR) if not (path / n).exists()]
+            missing = [n for n in (INFO_FILE, HF_DIR) if not (path / n).exists()]
             why = f"incomplete checkpoint folder (no {', '.join(missing)})"
             if missing == [HF_DIR] and (path / STATE_DIR / "latest").is_file():
                 why += (
@@ -180,18 +216,19 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return complete
 
 
-def checkpoint_bytes(net: torch.nn.Module) -> int:
-    """Estimated size of one checkpoint folder: ``hf_model/`` (weights in their dtype) plus the resumable
-    state (weights, AdamW's two fp32 moments, an fp32 master copy when the weights are not fp32). Under
-    DeepSpeed the state is split into one shard per rank; the total in output_dir is the same."""
+def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """Estimated bytes of a checkpoint's ``hf_model/`` (weights in ``dtype``, default their own) and of its
+    resumable state (weights, AdamW's two fp32 moments, an fp32 master copy when the weights are not fp32).
+    Under DeepSpeed the state is split into one shard per rank; the total in output_dir is the same."""
 
     def numel(p: torch.Tensor) -> int:  # a ZeRO-3 partition's placeholder is empty; ds_numel is the whole
         return getattr(p, "ds_numel", p.numel())
 
     weights = sum(numel(p) * p.element_size() for p in net.parameters())
+    hf = weights if dtype is None else sum(numel(p) * dtype.itemsize for p in net.parameters())
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = sum(numel(p) * (8 if p.dtype == torch.float32 else 12) for p in trainable)
-    return 2 * weights + optimizer
+    return hf, weights + optimizer
 
 
 def _gib(n: float) -> str:
@@ -260,13 +297,41 @@ def resume_state_path(checkpoint: str | Path, deepspeed: bool) -> str:
     return str(state if deepspeed else state / STATE_FILE)
 
 
+def write_info(path: Path, info: dict[str, Any]) -> None:
+    path.write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def write_hf_model(path: Path, net: Any, weights: dict[str, torch.Tensor] | None, dtype, processor) -> None:
+    """``save_pretrained`` of the classifier (with ``weights`` when given) and of the processor."""
+    net.save_pretrained(path, state_dict=weights)
+    if dtype is not None:  # save_pretrained records the module's dtype; the weights written are in this one
+        config = json.loads((path / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if processor is not None:
+        processor.save_pretrained(path)
+
+
+def drop_state(checkpoint: Path) -> None:
+    """Delete a checkpoint's resumable state; renamed away first, so a kill midway never leaves a partial
+    state that looks resumable."""
+    state, doomed = checkpoint / STATE_DIR, checkpoint / f".{STATE_DIR}.deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    if state.is_dir():
+        os.replace(state, doomed)
+        shutil.rmtree(doomed)
+
+
 class QwenCheckpoint(ModelCheckpoint):
     """Writes the checkpoint folders every ``every_n_train_steps`` optimizer steps and at the last step.
 
     With a ``monitor`` (standard mode with best-model tracking) a save step's checkpoint is written at the
     end of that step's validation, so it is ranked by an evaluation of its own weights; with
     ``keep_best_only`` only the best checkpoint and the latest one (to resume from) are kept, and
-    ``best_checkpoint.json`` names the best.
+    ``best_checkpoint.json`` names the best. ``keep_state_last_n`` keeps the resumable state in the newest
+    N checkpoints only (and in the best, whose state the final evaluation reads). With ``background_save``
+    the files are written while training goes on (:mod:`qwen_cls.saving`); the next save, the end of
+    training and a stop wait for them.
     """
 
     FILE_EXTENSION = ""
@@ -277,6 +342,9 @@ class QwenCheckpoint(ModelCheckpoint):
         run_info: dict[str, Any] | None = None,
         keep_best_only: bool = False,
         keep_last_n: int | None = None,
+        keep_state_last_n: int | None = None,
+        save_dtype: str = "auto",
+        background_save: bool = True,
         disk_check: str = "error",
         **kwargs: Any,
     ):
@@ -291,11 +359,19 @@ class QwenCheckpoint(ModelCheckpoint):
         self.run_info = run_info or {}
         self.keep_best_only = keep_best_only
         self.keep_last_n = keep_last_n
+        self.keep_state_last_n = keep_state_last_n
         if disk_check not in ("error", "warn", "off"):
             raise ConfigError(f"training.disk_check: {disk_check!r}; choose error, warn or off")
-        if keep_last_n is not None and keep_last_n < 1:
-            raise ConfigError(f"training.keep_last_n: must be >= 1, got {keep_last_n}")
+        for key, value in (("keep_last_n", keep_last_n), ("keep_state_last_n", keep_state_last_n)):
+            if value is not None and value < 1:
+                raise ConfigError(f"training.{key}: must be >= 1, got {value}")
+        self.save_dtype = save_dtype
+        self._dtype: torch.dtype | None = None
         self.disk_check = disk_check
+        self.background_save = background_save
+        self._background = background_save  # off once the run is stopping: its last save is written at once
+        self._files = SaveFiles()
+        self._writer = BackgroundWriter()
         self._saved: list[str] = []
         self._elapsed_before = 0.0
         self._elapsed_at_save = 0.0  # training time when the latest save began (a resume continues from it)
@@ -303,7 +379,15 @@ class QwenCheckpoint(ModelCheckpoint):
         self._at_train_end = False
         self.stopped_by: str | None = None  # the signal that stopped the run, recorded in training_info.json
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._dtype = save_dtype(self.save_dtype, str(trainer.precision))
+        if stage == "fit" and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = HostCheckpointIO(self._files)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            use_host_checkpoint_engine(trainer.strategy.deepspeed_engine, self._files)
         self._check_best_metric_has_rows(trainer)
         if self.disk_check != "off":
             self._check_disk_space(trainer)
@@ -322,23 +406,31 @@ class QwenCheckpoint(ModelCheckpoint):
     ) -> None:
         """SIGTERM (what SLURM and Kubernetes send on preemption or time-out; Lightning stops every rank at the
         same step boundary) or SIGINT: save a complete checkpoint of the current step, so nothing trained is
-        lost; the process then exits non-zero."""
+        lost; the process then exits non-zero. Any other error: the save in flight is finished first."""
+        self._background = False
         name = {SIGTERMException: "SIGTERM", KeyboardInterrupt: "SIGINT"}.get(type(exception))
         if name is None or trainer.state.fn != "fit" or trainer.global_step == 0:
+            self._finish_writing(trainer, collective=False)
             return
         self.stopped_by = name
         if self._last_global_step_saved != trainer.global_step:
             self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
+        self._finish_writing(trainer, collective=False)
         say(
             f"stopped by {name} at step {trainer.global_step}: {CHECKPOINT_PREFIX}{trainer.global_step} is complete; "
             "resume with --ckpt_path last"
         )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The last step is always saved, whatever ``save_steps`` is: it is the one to resume from."""
+        """The last step is always saved, whatever ``save_steps`` is: it is the one to resume from; training
+        ends once it is written."""
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
             self._at_train_end = True
             self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
+        self._finish_writing(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._writer.close()
 
     def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
         """Silenced: ``qwen-cls fit`` refuses an output_dir with checkpoints unless resuming or overwriting."""
@@ -353,56 +445,144 @@ class QwenCheckpoint(ModelCheckpoint):
         return self.format_checkpoint_name(monitor_candidates)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Everything the checkpoint of this step holds is taken now (host copies when written in the
+        background); the files are written by :meth:`_write`."""
+        self._finish_writing(trainer)  # at most one save in flight: the one before is complete first
         final = Path(filepath)
         tmp = final.parent / f".{final.name}.tmp"
         if trainer.is_global_zero and tmp.exists():
             shutil.rmtree(tmp)
         trainer.strategy.barrier("qwen_cls_checkpoint_start")
         deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
-        trainer.lightning_module.raise_if_nonfinite()  # never a checkpoint of weights a NaN step wrecked
+        module = trainer.lightning_module
+        module.raise_if_nonfinite()  # never a checkpoint of weights a NaN step wrecked
         self._elapsed_at_save = self.elapsed_seconds()  # one value for the state and training_info.json
-        trainer.save_checkpoint(resume_state_path(tmp, deepspeed), self.save_weights_only)
-        loss = trainer.lightning_module.take_loss("save")  # the mean since the previous save, all ranks
-        weights = None
-        if zero_stage_3(trainer.strategy):  # every rank takes part in gathering the partitions
-            weights = gathered_state_dict(trainer.lightning_module.net, keep=trainer.is_global_zero)
+        doomed, stateless = self._retention_plan(final)  # before the state is taken: it records what is kept
+        background = self._background
+        with self._files.collect(defer=background) as state_files:
+            trainer.save_checkpoint(resume_state_path(tmp, deepspeed), self.save_weights_only)
+        loss = module.take_loss("save")  # the mean since the previous save, all ranks
+        weights = self._hf_weights(trainer, copy=background)
+        info = best = processor = None
         if trainer.is_global_zero:
-            self._write_hf_model(trainer, tmp / HF_DIR, weights)
-            self._write_info(trainer, tmp / INFO_FILE, None if loss is None else float(loss))
-            replace_folder(tmp, final)
-        self._apply_retention(trainer, final)
-        trainer.strategy.barrier("qwen_cls_checkpoint_end")
+            info = self._info(trainer, None if loss is None else float(loss))
+            best = self._best_record()
+            processor = getattr(trainer.datamodule, "processor", None)
+        job = partial(
+            self._write,
+            state_files,
+            tmp,
+            final,
+            (trainer.global_rank, trainer.world_size),
+            (module.net, weights, processor),
+            info,
+            best,
+            doomed + [f"{p}/{STATE_DIR}" for p in stateless],
+        )
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = str(final)
+        if background:
+            self._writer.submit(final.name, job)
+            return
+        job()
+        trainer.strategy.barrier("qwen_cls_checkpoint_end")
+        self._after_save(trainer)
+
+    def _write(self, state_files, tmp: Path, final: Path, rank, model, info, best, doomed: list[str]) -> None:
+        """This rank's files of one save; then global rank 0 (the one with ``info``) waits until every rank's
+        are written, writes ``training_info.json``, renames the folder into place and deletes what retention
+        no longer keeps (only now that the newer checkpoint is complete)."""
+        (global_rank, world_size), (net, weights, processor) = rank, model
+        try:
+            for write in state_files:
+                write()
+            if info is not None:
+                write_hf_model(tmp / HF_DIR, net, weights, self._dtype, processor)
+        except BaseException as e:
+            mark_done(tmp, global_rank, failure=f"{type(e).__name__}: {e}")
+            raise
+        mark_done(tmp, global_rank)
+        if info is None:
+            return
+        wait_for_ranks(tmp, world_size)
+        write_info(tmp / INFO_FILE, info)
+        replace_folder(tmp, final)
+        for path in map(Path, doomed):
+            if path.name == STATE_DIR:
+                drop_state(path.parent)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        if best is not None:
+            (final.parent / BEST_FILE).write_text(json.dumps(best, indent=2) + "\n")
+
+    def _finish_writing(self, trainer: L.Trainer, collective: bool = True) -> None:
+        """Wait for the save in flight. A failed write stops the run on every rank with one line (``collective``:
+        the ranks agree in one all-reduce, at save steps only); while the run is already stopping, a warning."""
+        name, error = self._writer.wait()
+        if name is not None and error is None:
+            self._after_save(trainer)
+        failed = error is not None
+        if collective and self.background_save and trainer.world_size > 1:
+            failed = not trainer.strategy.reduce_boolean_decision(not failed, all=True)
+        if not failed:
+            return
+        message = (
+            f"{name}: writing the checkpoint failed: {type(error).__name__}: {error}"
+            if error is not None
+            else "a checkpoint write failed on another rank"
+        )
+        message += "; the checkpoints before it are complete (resume with --ckpt_path last)"
+        if not collective:
+            rank_zero_warn(message)
+            return
+        raise CheckpointError(message) from None
+
+    def _after_save(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
 
-    def _apply_retention(self, trainer: L.Trainer, latest: Path) -> None:
-        """Keep what the config asks for: the best plus the latest (``keep_best_only``), or the newest
-        ``keep_last_n`` plus the best; record the best in ``best_checkpoint.json``."""
-        self._saved = [p for p in self._saved if p != str(latest)] + [str(latest)]
-        keep = {str(latest), self.best_model_path} if self.monitor else {str(latest)}
+    def _hf_weights(self, trainer: L.Trainer, copy: bool) -> dict[str, torch.Tensor] | None:
+        """``hf_model/``'s weights at this step, in the save dtype: ZeRO-3 partitions gathered by every rank;
+        host copies on global rank 0 (None: the module's own, read when written)."""
+        net = trainer.lightning_module.net
+        if zero_stage_3(trainer.strategy):
+            return gathered_state_dict(net, keep=trainer.is_global_zero, dtype=self._dtype)
+        if not trainer.is_global_zero or not (copy or self._dtype is not None):
+            return None
+        return {name: host_copy(tensor, self._dtype) for name, tensor in net.state_dict().items()}
+
+    def _retention_plan(self, latest: Path) -> tuple[list[str], list[str]]:
+        """What to delete once ``latest`` is complete: whole folders (the best plus the latest with
+        ``keep_best_only``, else the newest ``keep_last_n`` plus the best) and the resumable state of those
+        beyond the newest ``keep_state_last_n`` (the best keeps its state: the final evaluation reads it).
+        Folders are remembered by name, so a run copied elsewhere and resumed never touches the original."""
+        self._saved = [n for n in self._saved if n != latest.name] + [latest.name]
+        keep = {latest.name, Path(self.best_model_path).name} if self.monitor else {latest.name}
         if self.keep_best_only:
-            doomed = [p for p in self._saved if p not in keep]
+            doomed = [n for n in self._saved if n not in keep]
         elif self.keep_last_n:
-            doomed = [p for p in self._saved[: -self.keep_last_n] if p not in keep]
+            doomed = [n for n in self._saved[: -self.keep_last_n] if n not in keep]
         else:
             doomed = []
-        for path in doomed:
-            self._saved.remove(path)
-            self.best_k_models.pop(path, None)
-            self._remove_checkpoint(trainer, path)
-        if trainer.is_global_zero and self.monitor and self.best_model_path:
-            best = Path(self.best_model_path)
-            record = {
-                "checkpoint": best.name,
-                "step": checkpoint_step(best),
-                "metric": self.monitor.removeprefix("eval/"),
-                "mode": self.mode,
-                "value": float(self.best_model_score),
-            }
-            (Path(self.dirpath) / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        for name in doomed:
+            self._saved.remove(name)
+            self.best_k_models.pop(str(latest.parent / name), None)
+        n = self.keep_state_last_n
+        stateless = [name for name in self._saved[:-n] if name not in keep] if n else []
+        return [str(latest.parent / name) for name in doomed], [str(latest.parent / name) for name in stateless]
+
+    def _best_record(self) -> dict[str, Any] | None:
+        if not (self.monitor and self.best_model_path):
+            return None
+        best = Path(self.best_model_path)
+        return {
+            "checkpoint": best.name,
+            "step": checkpoint_step(best),
+            "metric": self.monitor.removeprefix("eval/"),
+            "mode": self.mode,
+            "value": float(self.best_model_score),
+        }
 
     def _check_best_metric_has_rows(self, trainer: L.Trainer) -> None:
         """Before step 1: a best-model metric of one dataset needs validation rows of that dataset, or the
@@ -422,18 +602,29 @@ class QwenCheckpoint(ModelCheckpoint):
 
     def _check_disk_space(self, trainer: L.Trainer) -> None:
         """Before step 1: the checkpoints this run will keep must fit in the free space at ``dirpath``."""
-        size = checkpoint_bytes(trainer.lightning_module.net)
+        hf, state = checkpoint_bytes(trainer.lightning_module.net, self._dtype)
         kept = self.checkpoints_to_keep(trainer)
+        states = self.states_to_keep(kept, self.keep_state_last_n)
+        need = kept * hf + states * state
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.dirpath).free
-        enough = trainer.strategy.reduce_boolean_decision(kept * size * 1.05 <= free, all=True)
+        enough = trainer.strategy.reduce_boolean_decision(need * 1.05 <= free, all=True)
         if enough:
             return
-        fits = max(1, int(free // (size * 1.05)) - 1)
+        remedies = []
+        if states > 1:
+            one = kept * hf + self.states_to_keep(kept, 1) * state
+            remedies.append(
+                f"set training.keep_state_last_n: 1 (hf_model/ of every checkpoint, the resumable state of the "
+                f"newest only: {_gib(one)}, {_gib(need - one)} less)"
+            )
+        fits = max(1, int(free // ((hf + state) * 1.05)) - 1)
+        remedies.append(f"set training.keep_last_n (e.g. {fits}) to keep fewer checkpoints")
         message = (
-            f"training.disk_check: this run will keep {kept} checkpoints of ~{_gib(size)} each ({_gib(kept * size)}) "
-            f"in {self.dirpath}, but only {_gib(free)} is free; set training.keep_last_n (e.g. {fits}) to keep "
-            "fewer, free some space, or set training.disk_check: warn"
+            f"training.disk_check: this run will keep {kept} checkpoints (hf_model/ ~{_gib(hf)} each, {states} "
+            f"resumable states of ~{_gib(state)}): {_gib(need)} in {self.dirpath}, but only {_gib(free)} is free; "
+            + "; or ".join(remedies)
+            + "; or free some space, or set training.disk_check: warn"
         )
         if self.disk_check == "error":
             raise DiskSpaceError(message)
@@ -450,18 +641,17 @@ class QwenCheckpoint(ModelCheckpoint):
             return min(saves, self.keep_last_n + (1 if self.monitor else 0))
         return saves
 
+    def states_to_keep(self, kept: int, keep_state_last_n: int | None) -> int:
+        """Of ``kept`` checkpoints, how many keep their resumable state."""
+        if keep_state_last_n is None:
+            return kept
+        return min(kept, keep_state_last_n + (1 if self.monitor else 0))
+
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if trainer.is_global_zero and Path(filepath).is_dir():
             shutil.rmtree(filepath)
 
-    @staticmethod
-    def _write_hf_model(trainer: L.Trainer, path: Path, weights: dict[str, torch.Tensor] | None) -> None:
-        trainer.lightning_module.net.save_pretrained(path, state_dict=weights)
-        processor = getattr(trainer.datamodule, "processor", None)
-        if processor is not None:
-            processor.save_pretrained(path)
-
-    def _write_info(self, trainer: L.Trainer, path: Path, train_loss: float | None) -> None:
+    def _info(self, trainer: L.Trainer, train_loss: float | None) -> dict[str, Any]:
         module = trainer.lightning_module
         info = {
             "step": trainer.global_step,
@@ -480,6 +670,7 @@ class QwenCheckpoint(ModelCheckpoint):
             "device": describe_device(module.device),
             "strategy": type(trainer.strategy).__name__,
             "precision": str(trainer.precision),
+            "hf_model_dtype": str(self._dtype or next(module.net.parameters()).dtype).removeprefix("torch."),
             "versions": library_versions(),
             **self.run_info,
         }
@@ -494,7 +685,7 @@ class QwenCheckpoint(ModelCheckpoint):
                     "entity": run.entity,
                     "dir": logger.save_dir,
                 }
-        path.write_text(json.dumps(info, indent=2, default=str) + "\n")
+        return info
 
     def elapsed_seconds(self) -> float:
         return self._elapsed_before + time.monotonic() - self._started
@@ -505,7 +696,7 @@ class QwenCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._elapsed_before = state_dict.get("elapsed_seconds", 0.0)
-        self._saved = list(state_dict.get("saved", []))
+        self._saved = [Path(p).name for p in state_dict.get("saved", [])]
 
 
 def load_zero3_weights(trainer: L.Trainer, checkpoint: str | Path) -> None:

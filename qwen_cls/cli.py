@@ -33,7 +33,9 @@ from qwen_cls.checkpoint import (
     INFO_FILE,
     LoadZero3Weights,
     QwenCheckpoint,
+    HF_DIR,
     checkpoint_step,
+    has_state,
     list_checkpoints,
     load_zero3_weights,
     marked_running,
@@ -41,6 +43,7 @@ from qwen_cls.checkpoint import (
     refuse_unsafe_checkpoint,
     restore_set_aside,
     resume_state_path,
+    scan_checkpoints,
 )
 from qwen_cls.config import (
     BestModelTrackingConfig,
@@ -217,7 +220,10 @@ class QwenCLI(LightningCLI):
         strategy = self._deepspeed_strategy(cfg)
         if strategy is not None:
             trainer_config["strategy"] = strategy
-        retention = {"keep_last_n": cfg.training.keep_last_n, "disk_check": cfg.training.disk_check}
+        retention = {
+            key: cfg.training[key]
+            for key in ("keep_last_n", "keep_state_last_n", "save_dtype", "background_save", "disk_check")
+        }
         callbacks = [QwenCheckpoint(output_dir, run_info=run_info, **retention, **self.resolution.checkpoint)]
         if self.subcommand == "fit":
             callbacks.append(
@@ -278,12 +284,24 @@ class QwenCLI(LightningCLI):
         return loggers
 
     def _state_path(self, ckpt_path: str | None, existing: list[Path], output_dir: Path) -> str | None:
-        """``last`` or a ``checkpoint-<step>`` folder -> what the strategy restores from."""
+        """``last`` (the newest checkpoint that keeps its state) or a ``checkpoint-<step>`` folder -> what the
+        strategy restores from."""
+        resumable = [p for p in existing if has_state(p)]
         if ckpt_path == "last":
-            if not existing:
-                raise ConfigError(f"ckpt_path: 'last' given, but {output_dir} holds no complete checkpoint")
-            ckpt_path = str(existing[-1])
-        if ckpt_path and Path(ckpt_path).is_dir() and Path(ckpt_path).name.startswith("checkpoint-"):
+            if not resumable:
+                raise ConfigError(
+                    f"ckpt_path: 'last' given, but {output_dir} holds no complete checkpoint with a resumable state"
+                )
+            ckpt_path = str(resumable[-1])
+        folder = Path(ckpt_path) if ckpt_path else None
+        if folder is not None and folder.is_dir() and checkpoint_step(folder) is not None:
+            if not has_state(folder):
+                others = [p for p in scan_checkpoints(folder.parent)[0] if has_state(p)]
+                newest = f"the newest that can be resumed is {others[-1]}" if others else "none in its run can be"
+                raise ConfigError(
+                    f"ckpt_path: {folder} keeps no resumable state (training.keep_state_last_n dropped it; its "
+                    f"{HF_DIR}/ serves evaluate, predict and model.pretrained_name); {newest}"
+                )
             ckpt_path = resume_state_path(ckpt_path, isinstance(self.trainer.strategy, DeepSpeedStrategy))
         if ckpt_path and not Path(ckpt_path).exists():
             raise ConfigError(f"ckpt_path: {ckpt_path} does not exist")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -78,7 +79,13 @@ class TrainingConfig:
         skip_evaluation: no-evaluation mode; wins over every evaluation and best-model key.
         save_all_checkpoints: keep every checkpoint rather than only the best.
         keep_last_n: keep only the newest N checkpoints (plus the best one when tracking); default: all.
-            The remedy the disk-space check suggests.
+        keep_state_last_n: keep the resumable state (``deepspeed/``) only in the newest N checkpoints (plus the
+            best one when tracking); every checkpoint keeps ``hf_model/`` and ``training_info.json``, so all
+            of them can still be evaluated. Default: every state is kept. The remedy the disk check suggests.
+        save_dtype: dtype of the ``hf_model/`` weights: ``auto`` (bfloat16 for a bf16 run, else float32),
+            ``bfloat16`` or ``float32``.
+        background_save: copy what a save writes to host memory at the save step and write the files while
+            training goes on (at most one save in flight); false writes them with training paused.
         disk_check: before step 1, compare the space the kept checkpoints will take with the free space at
             output_dir: ``error`` (stop if too little), ``warn`` or ``off``.
         on_nonfinite_loss: a NaN/infinite loss ``error`` (stop, naming the step and datasets) or ``skip_step``.
@@ -102,6 +109,9 @@ class TrainingConfig:
     skip_evaluation: bool = False
     save_all_checkpoints: bool = False
     keep_last_n: int | None = None
+    keep_state_last_n: int | None = None
+    save_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    background_save: bool = True
     disk_check: str = "error"
     on_nonfinite_loss: str = "error"
     evaluation: EvaluationConfig | None = None

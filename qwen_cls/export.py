@@ -1,4 +1,5 @@
-"""``qwen-cls export``: rebuild a checkpoint's ``hf_model/`` from its sharded DeepSpeed state.
+"""``qwen-cls export``: rebuild a checkpoint's ``hf_model/`` from its sharded DeepSpeed state, or write a
+copy of ``hf_model/`` in another dtype (a checkpoint whose state was not kept: ``keep_state_last_n``).
 
 For a checkpoint saved or copied without ``hf_model/``. DeepSpeed's ``zero_to_fp32`` reads the fp32 master
 weights from the shards lazily (the optimizer files are memory-mapped and their Adam moments dropped), so
@@ -15,35 +16,30 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from qwen_cls.checkpoint import HF_DIR, INFO_FILE, STATE_DIR, zero_weights
+from qwen_cls.checkpoint import DTYPES, HF_DIR, INFO_FILE, STATE_DIR, training_dtype, zero_weights
 from qwen_cls.errors import ConfigError
 from qwen_cls.model import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
 from qwen_cls.monitor import say
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def training_dtype(precision: str) -> str:
-    """The dtype the module's weights had while training (DeepSpeed casts the module for 16-bit runs)."""
-    return (
-        "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
-    )
-
 
 def export(checkpoint_path: str, output: str | None = None, dtype: str = "auto") -> Path:
-    """Rebuild ``hf_model/`` (config, safetensors, processor) from a checkpoint's ``deepspeed/`` shards.
+    """Rebuild ``hf_model/`` (config, safetensors, processor) from a checkpoint's ``deepspeed/`` shards; for a
+    checkpoint without shards, a copy of its ``hf_model/`` at ``output`` (in ``dtype``).
 
     Args:
-        checkpoint_path: a ``checkpoint-<step>`` folder whose ``deepspeed/`` holds a DeepSpeed state.
+        checkpoint_path: a ``checkpoint-<step>`` folder whose ``deepspeed/`` holds a DeepSpeed state (or that
+            has ``hf_model/``).
         output: where to write; default: the checkpoint's own ``hf_model/`` (which must not exist yet).
         dtype: ``auto`` (the training precision's: bfloat16 for a bf16 run, else float32), ``float32``,
             ``bfloat16`` or ``float16``.
     """
     checkpoint = Path(checkpoint_path)
     info_file = checkpoint / INFO_FILE
-    if not (checkpoint / STATE_DIR).is_dir() or not info_file.is_file():
+    shards = (checkpoint / STATE_DIR / "latest").is_file()
+    if not (shards or (checkpoint / HF_DIR).is_dir()) or not info_file.is_file():
         raise ConfigError(
-            f"--checkpoint_path: {checkpoint} is not a checkpoint folder with {STATE_DIR}/ and {INFO_FILE}"
+            f"--checkpoint_path: {checkpoint} is not a checkpoint folder with {INFO_FILE} and DeepSpeed shards "
+            f"in {STATE_DIR}/ or an {HF_DIR}/"
         )
     info = json.loads(info_file.read_text())
     if dtype == "auto":
@@ -62,19 +58,24 @@ def export(checkpoint_path: str, output: str | None = None, dtype: str = "auto")
         base, int(cfg["model"]["num_labels"]), head, float((cfg.get("loss") or {}).get("scale", 30.0))
     )
 
-    weights = zero_weights(checkpoint)
-    state = {name: tensor.contiguous().to(DTYPES[dtype]) for name, tensor in weights.items()}
-    with torch.device("meta"):  # only the structure: save_pretrained writes the weights given
-        model = QwenVLForImageClassification(config).to(DTYPES[dtype])  # config.json records the dtype
-    missing = sorted(set(model.state_dict()) - set(state))
-    if missing:
-        raise ConfigError(
-            f"--checkpoint_path: {checkpoint} lacks {len(missing)} weights of the classifier, e.g. {missing[:3]}"
-        )
-    count = sum(t.numel() for t in state.values())
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state)
+    if shards:
+        weights = zero_weights(checkpoint)
+        state = {name: tensor.contiguous().to(DTYPES[dtype]) for name, tensor in weights.items()}
+        with torch.device("meta"):  # only the structure: save_pretrained writes the weights given
+            model = QwenVLForImageClassification(config).to(DTYPES[dtype])  # config.json records the dtype
+        missing = sorted(set(model.state_dict()) - set(state))
+        if missing:
+            raise ConfigError(
+                f"--checkpoint_path: {checkpoint} lacks {len(missing)} weights of the classifier, e.g. {missing[:3]}"
+            )
+        count = sum(t.numel() for t in state.values())
+        model.save_pretrained(tmp, state_dict=state)
+    else:  # no shards (a state not kept, or one device's Lightning state): hf_model/ is the weights
+        model = QwenVLForImageClassification.from_pretrained(checkpoint / HF_DIR, dtype=DTYPES[dtype])
+        count = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(tmp)
     data = cfg.get("data") or {}
     pixels = {k: data[k] for k in ("min_pixels", "max_pixels") if data.get(k)}
     AutoProcessor.from_pretrained(base, **pixels).save_pretrained(tmp)

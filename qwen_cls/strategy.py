@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
 
 from qwen_cls.errors import ConfigError
+from qwen_cls.saving import host_copy
 
 # Keys of a DeepSpeed config that qwen-cls fills in from its own settings; "auto" is accepted for each.
 FILLED_IN = {
@@ -181,8 +182,11 @@ def make_adamw(groups: list[dict], lr: float, strategy: Any) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def gathered_state_dict(module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
-    """The module's full weights in host memory where ``keep`` (one rank); every rank must call this.
+def gathered_state_dict(
+    module: torch.nn.Module, keep: bool, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The module's full weights in host memory (floating point ones in ``dtype`` when given) where ``keep``
+    (one rank); every rank must call this.
 
     ZeRO-3 partitions are gathered one parameter at a time, so beyond its own partition no rank ever holds
     more than one whole parameter on its device; the keeping rank's host holds one copy of the weights."""
@@ -194,7 +198,7 @@ def gathered_state_dict(module: torch.nn.Module, keep: bool) -> dict[str, torch.
             [tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=None
         ):
             if keep:
-                state[name] = tensor.detach().to("cpu", copy=True)
+                state[name] = host_copy(tensor, dtype)
     return state
 
 

@@ -1,5 +1,6 @@
-"""Helpers that run inside the `qwen-cls fit` processes of tests: callbacks given in a test's YAML, and a
-script that fits and then computes the trained module's logits on every rank."""
+"""Helpers that run inside the `qwen-cls fit` processes of tests: callbacks given in a test's YAML, and
+scripts (`python -m tests.helpers FUNCTION ARGS`): a fit that then computes the trained module's logits on
+every rank, a fit whose background write of one checkpoint waits for a signal file."""
 
 from __future__ import annotations
 
@@ -65,8 +66,27 @@ def fit_and_save_logits(config: str, rows: str, out: str) -> None:
         torch.distributed.destroy_process_group()  # gloo's threads would abort the interpreter's exit otherwise
 
 
+def fit_with_a_held_write(config: str, step: str, gate: str) -> None:
+    """`qwen-cls fit --config CONFIG` whose write of checkpoint STEP's hf_model/ (in the background) waits until
+    the file GATE exists, after creating GATE.held: a kill while that write is certainly in flight."""
+    import qwen_cls.checkpoint as checkpoint
+    from qwen_cls.cli import main
+
+    real = checkpoint.write_hf_model
+
+    def held(path: Path, *args) -> None:
+        if path.parent.name == f".checkpoint-{step}.tmp":
+            Path(f"{gate}.held").touch()
+            while not Path(gate).exists():
+                time.sleep(0.05)
+        real(path, *args)
+
+    checkpoint.write_hf_model = held
+    main(["fit", "--config", config])
+
+
 if __name__ == "__main__":
-    fit_and_save_logits(*sys.argv[1:])
+    globals()[sys.argv[1]](*sys.argv[2:])
 
 
 STEP = {"current": 0}  # the optimizer step in progress, for tests that attribute calls to steps

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import qwen_cls.checkpoint as checkpoint_module
-from qwen_cls.checkpoint import QwenCheckpoint, list_checkpoints, run_status
+from qwen_cls.checkpoint import has_state, list_checkpoints, run_status
 from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.errors import CheckpointError
 from qwen_cls.evaluation import evaluate
@@ -167,13 +167,20 @@ def test_disk_preflight_stops_before_step_1_and_suggests_keep_last_n(
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     code, line = fit_cli(tmp_path, config, capsys=capsys)
     assert code == 2
-    assert (
-        "training.disk_check: this run will keep 3 checkpoints" in line
-        and "training.keep_last_n (e.g. 1)" in line
-    )
+    assert "training.disk_check: this run will keep 3 checkpoints" in line and "3 resumable states" in line
+    assert "set training.keep_state_last_n: 1" in line and "training.keep_last_n (e.g. 1)" in line
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
-    config["training"]["keep_last_n"] = 1  # the remedy: fits, and only the newest checkpoint stays
+    config["training"]["keep_state_last_n"] = 1  # the first remedy: every hf_model/, one state
+    assert fit_cli(tmp_path, config, capsys=capsys)[0] == 0
+    kept = list_checkpoints(tmp_path / "run")
+    assert [(p.name, has_state(p)) for p in kept] == [
+        ("checkpoint-5", False),
+        ("checkpoint-10", False),
+        ("checkpoint-12", True),
+    ]
+
+    config["training"].update(keep_state_last_n=None, keep_last_n=1)  # the other: only the newest stays
     code, _ = fit_cli(tmp_path, config, "--training.overwrite_output_dir", "true", capsys=capsys)
     assert code == 0
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-12"]
@@ -186,17 +193,17 @@ def test_disk_preflight_stops_before_step_1_and_suggests_keep_last_n(
 def test_a_crash_while_saving_leaves_earlier_checkpoints_whole_and_resumable(
     tiny_model, demo_data, tmp_path, monkeypatch
 ):
-    real_write = QwenCheckpoint._write_info
+    real_write = checkpoint_module.write_info
 
-    def crash_on_step_10(self, trainer, path, train_loss):
-        if trainer.global_step == 10:
+    def crash_on_step_10(path, info):
+        if info["step"] == 10:
             raise OSError(28, "No space left on device")  # the disk fills up in the middle of the save
-        real_write(self, trainer, path, train_loss)
+        real_write(path, info)
 
-    monkeypatch.setattr(QwenCheckpoint, "_write_info", crash_on_step_10)
+    monkeypatch.setattr(checkpoint_module, "write_info", crash_on_step_10)
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     path = write_config(tmp_path / "c.yaml", config)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="checkpoint-10: writing the checkpoint failed: OSError.*No space left"):
         run_lightning_cli(["fit", "--config", str(path)])
     run = tmp_path / "run"
     assert (run / "checkpoint-5" / "training_info.json").is_file()

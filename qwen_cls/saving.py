@@ -1,0 +1,140 @@
+"""How a checkpoint's files reach the disk: at once, or copied to host memory at the save step and written
+by one background thread per rank while training goes on.
+
+The strategy's own writers are reused, only deferred: Lightning's ``TorchCheckpointIO`` (one device, DDP)
+and DeepSpeed's ``TorchCheckpointEngine`` (its sharded engine state) hand each file to :class:`SaveFiles`,
+which either writes it now or keeps a host copy of every tensor in it and the writer to call later. Lightning's
+``AsyncCheckpointIO`` clones on the device (a second copy of the optimizer state in GPU memory) and does not
+cover DeepSpeed; DeepSpeed's decoupled engine needs its compiled DeepNVMe op. A host copy costs a
+device-to-host transfer at the save step and host memory until the files are written.
+
+Ranks finish their files at different times and must not meet in a collective from a background thread, so
+each rank drops a marker file in the checkpoint's temporary folder when its files are written (or failed), and
+global rank 0 renames the folder into place once every rank's marker is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
+
+from qwen_cls.errors import CheckpointError
+
+RANK_WAIT_S = 1800.0  # how long global rank 0 waits for the other ranks' files of a save
+
+
+def host_copy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A point-in-time copy in host memory (a background write reads it while training changes the original);
+    floating-point tensors in ``dtype`` when given."""
+    cast = dtype if dtype is not None and tensor.is_floating_point() else None
+    return tensor.detach().to("cpu", dtype=cast, copy=True)
+
+
+class SaveFiles:
+    """The strategy's checkpoint files of one save: written when handed over, or, inside :meth:`collect`, kept
+    as host copies with the writer to call later."""
+
+    def __init__(self) -> None:
+        self._pending: list[Callable[[], None]] | None = None
+
+    def save(self, write: Callable[[Any, str], None], state: Any, path: str) -> None:
+        if self._pending is None:
+            write(state, path)
+        else:
+            self._pending.append(partial(write, apply_to_collection(state, torch.Tensor, host_copy), path))
+
+    @contextlib.contextmanager
+    def collect(self, defer: bool) -> Iterator[list[Callable[[], None]]]:
+        """The writes of the block, deferred (``defer``) or already done (an empty list)."""
+        pending: list[Callable[[], None]] = []
+        self._pending = pending if defer else None
+        try:
+            yield pending
+        finally:
+            self._pending = None
+
+
+class HostCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint file (one device, DDP) through :class:`SaveFiles`."""
+
+    def __init__(self, files: SaveFiles):
+        super().__init__()
+        self.files = files
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        self.files.save(partial(super().save_checkpoint, storage_options=storage_options), checkpoint, path)
+
+
+def use_host_checkpoint_engine(engine: Any, files: SaveFiles) -> None:
+    """DeepSpeed's engine state files (every rank's shards) through :class:`SaveFiles`; loading is unchanged."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class HostCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict: Any, path: str) -> None:
+            files.save(partial(TorchCheckpointEngine.save, self), state_dict, path)
+
+    engine.checkpoint_engine = HostCheckpointEngine(engine._config)
+
+
+def mark_done(folder: Path, rank: int, failure: str | None = None) -> None:
+    """This rank's files of the save in ``folder`` are written (or could not be: ``failure``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f".rank-{rank:05d}.{'failed' if failure else 'done'}"
+    (folder / name).write_text(failure or "")
+
+
+def wait_for_ranks(folder: Path, world_size: int, timeout: float = RANK_WAIT_S) -> None:
+    """Until every rank has marked its files of the save in ``folder`` written; then the markers go."""
+    deadline = time.monotonic() + timeout
+    while True:
+        failed = sorted(folder.glob(".rank-*.failed"))
+        if failed:
+            raise CheckpointError(f"rank {int(failed[0].name[6:11])} could not write: {failed[0].read_text()}")
+        done = list(folder.glob(".rank-*.done"))
+        if len(done) >= world_size:
+            for marker in done:
+                marker.unlink()
+            return
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"{len(done)} of {world_size} ranks wrote their files within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+class BackgroundWriter:
+    """One thread that writes checkpoints; at most one save in flight."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: tuple[str, Future] | None = None
+
+    def submit(self, name: str, job: Callable[[], None]) -> None:
+        if self._in_flight is not None:
+            raise RuntimeError("a checkpoint write is still in flight; wait() for it first")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-cls-save")
+        self._in_flight = (name, self._executor.submit(job))
+
+    def wait(self) -> tuple[str | None, BaseException | None]:
+        """The name of the save that was in flight (None if none) and its error, once it is written."""
+        if self._in_flight is None:
+            return None, None
+        (name, future), self._in_flight = self._in_flight, None
+        try:
+            future.result()
+        except BaseException as error:
+            return name, error
+        return name, None
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

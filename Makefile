@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/overhead.py
 	$(PY) bench/profile_step.py
 	$(PY) bench/eval_all.py
+	$(PY) bench/checkpoint_cost.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -40,7 +40,6 @@ from qwen_cls.saving import (
     BackgroundWriter,
     HostCheckpointIO,
     SaveFiles,
-    host_copy,
     mark_done,
     use_host_checkpoint_engine,
     wait_for_ranks,
@@ -461,8 +460,9 @@ class QwenCheckpoint(ModelCheckpoint):
         background = self._background
         with self._files.collect(defer=background) as state_files:
             trainer.save_checkpoint(resume_state_path(tmp, deepspeed), self.save_weights_only)
-        loss = module.take_loss("save")  # the mean since the previous save, all ranks
-        weights = self._hf_weights(trainer, copy=background)
+            loss = module.take_loss("save")  # the mean since the previous save, all ranks
+            weights = self._hf_weights(trainer, copy=background)
+        self._files.release()
         info = best = processor = None
         if trainer.is_global_zero:
             info = self._info(trainer, None if loss is None else float(loss))
@@ -550,7 +550,7 @@ class QwenCheckpoint(ModelCheckpoint):
             return gathered_state_dict(net, keep=trainer.is_global_zero, dtype=self._dtype)
         if not trainer.is_global_zero or not (copy or self._dtype is not None):
             return None
-        return {name: host_copy(tensor, self._dtype) for name, tensor in net.state_dict().items()}
+        return {name: self._files.copy(tensor, self._dtype) for name, tensor in net.state_dict().items()}
 
     def _retention_plan(self, latest: Path) -> tuple[list[str], list[str]]:
         """What to delete once ``latest`` is complete: whole folders (the best plus the latest with
@@ -570,7 +570,9 @@ class QwenCheckpoint(ModelCheckpoint):
             self.best_k_models.pop(str(latest.parent / name), None)
         n = self.keep_state_last_n
         stateless = [name for name in self._saved[:-n] if name not in keep] if n else []
-        return [str(latest.parent / name) for name in doomed], [str(latest.parent / name) for name in stateless]
+        return [str(latest.parent / name) for name in doomed], [
+            str(latest.parent / name) for name in stateless
+        ]
 
     def _best_record(self) -> dict[str, Any] | None:
         if not (self.monitor and self.best_model_path):

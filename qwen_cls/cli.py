@@ -30,10 +30,10 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen_cls.checkpoint import (
+    HF_DIR,
     INFO_FILE,
     LoadZero3Weights,
     QwenCheckpoint,
-    HF_DIR,
     checkpoint_step,
     has_state,
     list_checkpoints,
@@ -297,7 +297,9 @@ class QwenCLI(LightningCLI):
         if folder is not None and folder.is_dir() and checkpoint_step(folder) is not None:
             if not has_state(folder):
                 others = [p for p in scan_checkpoints(folder.parent)[0] if has_state(p)]
-                newest = f"the newest that can be resumed is {others[-1]}" if others else "none in its run can be"
+                newest = (
+                    f"the newest that can be resumed is {others[-1]}" if others else "none in its run can be"
+                )
                 raise ConfigError(
                     f"ckpt_path: {folder} keeps no resumable state (training.keep_state_last_n dropped it; its "
                     f"{HF_DIR}/ serves evaluate, predict and model.pretrained_name); {newest}"

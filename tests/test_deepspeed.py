@@ -60,7 +60,14 @@ def qwen_cls(*args: str, kill_group: bool = False) -> subprocess.CompletedProces
 
 
 def fit_with_logits(config: dict, path: Path, rows: Path) -> dict:
-    out = run("-m", "tests.helpers", "fit_and_save_logits", str(write_config(path, config)), str(rows), str(path.with_suffix(".pt")))
+    out = run(
+        "-m",
+        "tests.helpers",
+        "fit_and_save_logits",
+        str(write_config(path, config)),
+        str(rows),
+        str(path.with_suffix(".pt")),
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return torch.load(path.with_suffix(".pt"), weights_only=True)
 

@@ -203,7 +203,9 @@ def test_a_crash_while_saving_leaves_earlier_checkpoints_whole_and_resumable(
     monkeypatch.setattr(checkpoint_module, "write_info", crash_on_step_10)
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     path = write_config(tmp_path / "c.yaml", config)
-    with pytest.raises(CheckpointError, match="checkpoint-10: writing the checkpoint failed: OSError.*No space left"):
+    with pytest.raises(
+        CheckpointError, match="checkpoint-10: writing the checkpoint failed: OSError.*No space left"
+    ):
         run_lightning_cli(["fit", "--config", str(path)])
     run = tmp_path / "run"
     assert (run / "checkpoint-5" / "training_info.json").is_file()

@@ -22,6 +22,7 @@ from qwen_cls.checkpoint import QwenCheckpoint, has_state, list_checkpoints
 from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.evaluation import evaluate_all
 from qwen_cls.model import MODEL_INPUTS, QwenVLForImageClassification
+from qwen_cls.reporting import write_report
 from tests.conftest import REPO, base_config, child_env, write_config
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,9 @@ def state_of_newest(tiny_model, demo_data, tmp_path_factory):
     return tmp / "run", path
 
 
-def test_every_checkpoint_keeps_its_weights_and_only_the_newest_its_state(state_of_newest, val_subset, tmp_path):
+def test_every_checkpoint_keeps_its_weights_and_only_the_newest_its_state(
+    state_of_newest, val_subset, tmp_path
+):
     run, _ = state_of_newest
     layout = {p.name: sorted(c.name for c in p.iterdir()) for p in run.glob("checkpoint-*")}
     weights_only = ["hf_model", "training_info.json"]
@@ -50,8 +53,15 @@ def test_every_checkpoint_keeps_its_weights_and_only_the_newest_its_state(state_
     }
     assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != ".qwen-cls-running.json"]
     rows = evaluate_all(str(run), eval_data=str(val_subset), output_dir=str(tmp_path), wandb=False)
-    assert [r["checkpoint"] for r in rows] == ["checkpoint-5", "checkpoint-10", "checkpoint-15", "checkpoint-20"]
+    assert [r["checkpoint"] for r in rows] == [
+        "checkpoint-5",
+        "checkpoint-10",
+        "checkpoint-15",
+        "checkpoint-20",
+    ]
     assert len({r["overall_loss"] for r in rows}) == 4  # each scored with its own weights
+    report = write_report(str(run)).read_text()
+    assert "**Finished**" in report and "checkpoint-15" in report
 
 
 def test_resume_takes_the_newest_state_and_names_it_when_given_an_older_checkpoint(
@@ -128,7 +138,10 @@ def test_background_and_synchronous_saves_write_the_same_files(tiny_model, demo_
             assert len(flat_a) == len(flat_b) > 0 and all(map(torch.equal, flat_a, flat_b)), (step, key)
         info_a, info_b = (json.loads((p / "training_info.json").read_text()) for p in (a, b))
         assert info_a["train_loss"] == info_b["train_loss"] and info_a["samples_seen"] == 8 * step
-    early, late = (load_file(tmp_path / "background" / f"checkpoint-{s}" / "hf_model" / "model.safetensors") for s in (3, 10))
+    early, late = (
+        load_file(tmp_path / "background" / f"checkpoint-{s}" / "hf_model" / "model.safetensors")
+        for s in (3, 10)
+    )
     assert not all(torch.equal(early[k], late[k]) for k in early), "training changed the weights meanwhile"
 
 
@@ -171,7 +184,9 @@ def test_a_kill_while_a_background_write_is_in_flight_loses_nothing_complete(tin
     assert [p.name for p in list_checkpoints(run)] == [f"checkpoint-{s}" for s in (5, 10, 15, 20)]
 
 
-def test_a_bf16_run_writes_bf16_weights_that_reload_to_the_modules_bf16_logits(tiny_model, demo_data, tmp_path):
+def test_a_bf16_run_writes_bf16_weights_that_reload_to_the_modules_bf16_logits(
+    tiny_model, demo_data, tmp_path
+):
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     config["training"].update(max_steps=5)
     config["trainer"]["precision"] = "bf16-mixed"
@@ -192,3 +207,26 @@ def test_a_bf16_run_writes_bf16_weights_that_reload_to_the_modules_bf16_logits(t
         assert reloaded.dtype == torch.bfloat16
         # the same bf16 weights; buffers (rotary frequencies) may differ in dtype: within bf16's resolution
         torch.testing.assert_close(reloaded(**inputs).logits, trained, atol=2e-3, rtol=1.6e-2)
+
+
+def test_export_copies_a_stateless_checkpoints_hf_model_in_another_dtype(state_of_newest, tmp_path, capsys):
+    run, _ = state_of_newest
+    main(
+        [
+            "export",
+            "--checkpoint_path",
+            str(run / "checkpoint-10"),
+            "--output",
+            str(tmp_path / "bf16"),
+            "--dtype",
+            "bfloat16",
+        ]
+    )
+    exported = QwenVLForImageClassification.from_pretrained(tmp_path / "bf16")
+    original = load_file(run / "checkpoint-10" / "hf_model" / "model.safetensors")
+    assert exported.dtype == torch.bfloat16
+    weights = exported.state_dict()
+    assert all(torch.equal(weights[k], original[k].to(torch.bfloat16)) for k in original)
+    with pytest.raises(SystemExit):  # its own hf_model/ is there already
+        main(["export", "--checkpoint_path", str(run / "checkpoint-10")])
+    assert "already exists" in capsys.readouterr().err

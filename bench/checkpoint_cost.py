@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import yaml
 from inputs import demo_inputs
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
-from qwen_cls.tiny import build_processor, build_tokenizer
+from qwen_cls.tiny import build_processor, build_tokenizer, qwen_vl_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,38 +46,23 @@ def make_model(folder: Path, layers: int) -> int:
     """A Qwen2.5-VL language model of 1024 wide x ``layers`` (~11 M parameters a layer) and a small vision
     tower, random weights; returns the parameter count."""
     tokenizer = build_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "hidden_size": 1024,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 2,
-            "intermediate_size": 2816,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 4096,
-            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-            "bos_token_id": ids("<|endoftext|>"),
-            "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": ids("<|endoftext|>"),
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 64,
-            "out_hidden_size": 1024,
-            "num_heads": 4,
-            "intermediate_size": 128,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "fullatt_block_indexes": [1],
-            "window_size": 112,
-        },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
+    text = {
+        "hidden_size": 1024,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "intermediate_size": 2816,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": 64,
+        "out_hidden_size": 1024,
+        "num_heads": 4,
+        "intermediate_size": 128,
+        "fullatt_block_indexes": [1],
+    }
+    config = qwen_vl_config(tokenizer, text, vision)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.save_pretrained(folder)

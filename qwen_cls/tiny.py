@@ -94,41 +94,53 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 56) ->
     )
 
 
-def tiny_config(
-    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2
-) -> Qwen2_5_VLConfig:
+def qwen_vl_config(tokenizer: PreTrainedTokenizerFast, text: dict, vision: dict) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of the ``text`` and ``vision`` dimensions given, with this tokenizer's vocabulary
+    and special token ids and Qwen2.5-VL's patching (14 px patches, 2x2 merge)."""
     ids = tokenizer.convert_tokens_to_ids
     return Qwen2_5_VLConfig(
         text_config={
-            "hidden_size": hidden_size,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 2 * hidden_size,
             "vocab_size": len(tokenizer),
             "max_position_embeddings": 4096,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
             "bos_token_id": ids("<|endoftext|>"),
             "eos_token_id": ids("<|im_end|>"),
             "pad_token_id": ids("<|endoftext|>"),
+            **text,
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": hidden_size,
-            "out_hidden_size": hidden_size,
-            "num_heads": 4,
-            "intermediate_size": 2 * hidden_size,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "fullatt_block_indexes": [1],
             "window_size": 112,
+            **vision,
         },
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
+
+
+def tiny_config(
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2
+) -> Qwen2_5_VLConfig:
+    text = {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 2 * hidden_size,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": hidden_size,
+        "out_hidden_size": hidden_size,
+        "num_heads": 4,
+        "intermediate_size": 2 * hidden_size,
+        "fullatt_block_indexes": [1],
+    }
+    return qwen_vl_config(tokenizer, text, vision)
 
 
 def make_tiny(output_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:

@@ -51,39 +51,44 @@ def export(checkpoint_path: str, output: str | None = None, dtype: str = "auto")
         raise ConfigError(
             f"--output: {target} already exists and is not empty; remove it or choose another --output"
         )
-    cfg = info["config"]
-    base = cfg["model"]["pretrained_name"]
-    head = "cosine" if (cfg.get("loss") or {}).get("type") == "arcface" else "linear"
-    config = _config(
-        base, int(cfg["model"]["num_labels"]), head, float((cfg.get("loss") or {}).get("scale", 30.0))
-    )
-
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if shards:
-        weights = zero_weights(checkpoint)
-        state = {name: tensor.contiguous().to(DTYPES[dtype]) for name, tensor in weights.items()}
-        with torch.device("meta"):  # only the structure: save_pretrained writes the weights given
-            model = QwenVLForImageClassification(config).to(DTYPES[dtype])  # config.json records the dtype
-        missing = sorted(set(model.state_dict()) - set(state))
-        if missing:
-            raise ConfigError(
-                f"--checkpoint_path: {checkpoint} lacks {len(missing)} weights of the classifier, e.g. {missing[:3]}"
-            )
-        count = sum(t.numel() for t in state.values())
-        model.save_pretrained(tmp, state_dict=state)
-    else:  # no shards (a state not kept, or one device's Lightning state): hf_model/ is the weights
+        count = _from_shards(checkpoint, info["config"], DTYPES[dtype], tmp)
+    else:  # no shards (a state not kept, or one device's Lightning state): hf_model/ holds the weights
         model = QwenVLForImageClassification.from_pretrained(checkpoint / HF_DIR, dtype=DTYPES[dtype])
         count = sum(p.numel() for p in model.parameters())
         model.save_pretrained(tmp)
-    data = cfg.get("data") or {}
-    pixels = {k: data[k] for k in ("min_pixels", "max_pixels") if data.get(k)}
-    AutoProcessor.from_pretrained(base, **pixels).save_pretrained(tmp)
+        AutoProcessor.from_pretrained(checkpoint / HF_DIR).save_pretrained(tmp)
     if target.exists():
         target.rmdir()
     os.replace(tmp, target)
     say(f"wrote {target} ({dtype}, {count:,} parameters)")
     return target
+
+
+def _from_shards(checkpoint: Path, cfg: dict, dtype: torch.dtype, out: Path) -> int:
+    """The classifier (config of the base model in the run's config) with the shards' weights, and the base
+    model's processor, written to ``out``; returns the parameter count."""
+    base = cfg["model"]["pretrained_name"]
+    head = "cosine" if (cfg.get("loss") or {}).get("type") == "arcface" else "linear"
+    config = _config(
+        base, int(cfg["model"]["num_labels"]), head, float((cfg.get("loss") or {}).get("scale", 30.0))
+    )
+    weights = zero_weights(checkpoint)
+    state = {name: tensor.contiguous().to(dtype) for name, tensor in weights.items()}
+    with torch.device("meta"):  # only the structure: save_pretrained writes the weights given
+        model = QwenVLForImageClassification(config).to(dtype)  # config.json records the dtype
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise ConfigError(
+            f"--checkpoint_path: {checkpoint} lacks {len(missing)} weights of the classifier, e.g. {missing[:3]}"
+        )
+    model.save_pretrained(out, state_dict=state)
+    data = cfg.get("data") or {}
+    pixels = {k: data[k] for k in ("min_pixels", "max_pixels") if data.get(k)}
+    AutoProcessor.from_pretrained(base, **pixels).save_pretrained(out)
+    return sum(t.numel() for t in state.values())
 
 
 def _config(base: str, num_labels: int, head: str, scale: float) -> QwenVLClassifierConfig:

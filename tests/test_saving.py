@@ -225,6 +225,7 @@ def test_export_copies_a_stateless_checkpoints_hf_model_in_another_dtype(state_o
     exported = QwenVLForImageClassification.from_pretrained(tmp_path / "bf16")
     original = load_file(run / "checkpoint-10" / "hf_model" / "model.safetensors")
     assert exported.dtype == torch.bfloat16
+    assert (tmp_path / "bf16" / "processor_config.json").is_file()  # the checkpoint's own processor
     weights = exported.state_dict()
     assert all(torch.equal(weights[k], original[k].to(torch.bfloat16)) for k in original)
     with pytest.raises(SystemExit):  # its own hf_model/ is there already

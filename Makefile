@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/profile_step.py
 	$(PY) bench/eval_all.py
 	$(PY) bench/checkpoint_cost.py
+	$(PY) bench/data_startup.py
 
 clean:
 	rm -rf outputs .pytest_cache

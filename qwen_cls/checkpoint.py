@@ -596,7 +596,7 @@ class QwenCheckpoint(ModelCheckpoint):
         names = trainer.lightning_module.dataset_names
         for idx, name in enumerate(names):
             if metric in (f"{name}_accuracy", f"{name}_loss", f"{name}_top5_accuracy"):
-                if not any(row.dataset_idx == idx for row in rows):
+                if not (rows.dataset_idx == idx).any():
                     raise ConfigError(
                         f"best_model_tracking.metric: {metric} needs validation rows of dataset {name!r}, but "
                         "data.val_jsonl has none; choose an overall_* metric or add its rows"

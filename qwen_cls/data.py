@@ -1,7 +1,8 @@
-"""JSONL image–label data: row checking, the Dataset, batching through the Qwen processor, demo data.
+"""JSONL image–label data: the Dataset, batching through the Qwen processor, the data module, demo data.
 
 Every row is checked when the data module is set up, before the first training step, so a bad row an
-hour into a run becomes an error naming file and line at start-up.
+hour into a run becomes an error naming file and line at start-up; one process checks them for the whole run
+and caches the result (:mod:`qwen_cls.rows`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ import gzip
 import json
 import os
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -26,104 +26,9 @@ from transformers import AutoProcessor
 from qwen_cls.config import DatasetConfig
 from qwen_cls.errors import ConfigError, DataError
 from qwen_cls.model import qwen_model_type
+from qwen_cls.rows import CheckLevel, RowIndex, image_size_problem, shared_rows
 
 DEFAULT_PROMPT = "Which {dataset} class is this image?"
-
-
-@dataclass(frozen=True)
-class Row:
-    image_path: Path
-    label: int
-    dataset_idx: int
-    source: str  # "file:line", for errors found while loading
-
-
-def _as_list(paths: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str | os.PathLike]:
-    if paths is None:
-        return []
-    return [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-
-
-def read_rows(jsonl_files: str | Sequence[str], dataset_configs: dict[str, DatasetConfig]) -> list[Row]:
-    """Parse and check every row; the first bad one raises ``DataError("file:line: what is wrong")``."""
-    names = list(dataset_configs)
-    rows: list[Row] = []
-    for file in _as_list(jsonl_files):
-        path = Path(file)
-        if not path.is_file():
-            raise DataError(f"{path}: data file not found")
-        base = path.resolve().parent
-        before = len(rows)
-        with path.open("rb") as fh:  # decoded line by line, so an encoding error names its line
-            for lineno, raw in enumerate(fh, start=1):
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is fine
-                except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"{path}:{lineno}: not UTF-8 text ({e.reason}, byte 0x{raw[e.start]:02x}); save the file "
-                        "as UTF-8"
-                    ) from None
-                if line.strip():
-                    rows.append(_parse_row(line, f"{path}:{lineno}", base, names, dataset_configs))
-        if len(rows) == before:
-            raise DataError(f"{path}: no rows")
-    return rows
-
-
-def _parse_row(line: str, where: str, base: Path, names: list[str], configs: dict[str, DatasetConfig]) -> Row:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    image = obj.get("image_path", obj.get("image"))
-    if not isinstance(image, str) or not image:
-        raise DataError(f"{where}: missing 'image_path' (or 'image')")
-    label = obj.get("label")
-    if isinstance(label, bool) or not isinstance(label, int):
-        raise DataError(f"{where}: 'label' must be an integer, got {label!r}")
-    dataset = obj.get("dataset_name", obj.get("dataset"))
-    if dataset is None:
-        if len(names) != 1:
-            raise DataError(
-                f"{where}: missing 'dataset_name' (several datasets are configured: {', '.join(names)})"
-            )
-        dataset = names[0]
-    if dataset not in configs:
-        raise DataError(
-            f"{where}: unknown dataset {dataset!r}; add it to datasets.dataset_configs (known: {', '.join(names)})"
-        )
-    num_classes = configs[dataset].num_classes
-    if not 0 <= label < num_classes:
-        raise DataError(f"{where}: label {label} out of range for dataset {dataset!r} (0..{num_classes - 1})")
-    image_path = Path(image) if Path(image).is_absolute() else base / image
-    if image_path.is_dir():
-        raise DataError(f"{where}: {image_path} is a folder, not an image")
-    if not image_path.is_file():
-        raise DataError(f"{where}: image not found: {image_path}")
-    try:
-        with Image.open(image_path) as im:  # reads the header only: a cheap check that it is an image at all
-            size_problem = image_size_problem(*im.size)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: not a readable image: {image_path} ({e})") from None
-    if size_problem:
-        raise DataError(f"{where}: {image_path}: {size_problem}")
-    return Row(image_path, label, names.index(dataset), where)
-
-
-MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses a longer side over 200 times the shorter
-
-
-def image_size_problem(width: int, height: int) -> str | None:
-    """Why the model's processor would refuse an image of this size, or None."""
-    ratio = max(width, height) / max(1, min(width, height))
-    if ratio > MAX_ASPECT_RATIO:
-        return (
-            f"{width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; Qwen2.5-VL's processor takes at most "
-            f"{MAX_ASPECT_RATIO}:1 (crop or pad it)"
-        )
-    return None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -151,22 +56,21 @@ def load_image(path: str | Path) -> Image.Image:
         return to_rgb(im)
 
 
-def eval_subset(rows: list[Row], configs: dict[str, DatasetConfig], seed: int = 0) -> list[Row]:
+def eval_subset(rows: RowIndex, configs: dict[str, DatasetConfig], seed: int = 0) -> RowIndex:
     """The fixed, seeded ``eval_ratio`` share of each dataset's rows (the same rows on every call)."""
-    chosen: list[Row] = []
+    chosen: list[np.ndarray] = []
     for idx, cfg in enumerate(configs.values()):
-        mine = [r for r in rows if r.dataset_idx == idx]
-        keep = max(1, round(len(mine) * cfg.eval_ratio)) if mine else 0
-        picked = sorted(random.Random(seed + idx).sample(range(len(mine)), keep))
-        chosen.extend(mine[i] for i in picked)
-    return chosen
+        mine = np.flatnonzero(rows.dataset_idx == idx)
+        keep = max(1, round(len(mine) * cfg.eval_ratio)) if len(mine) else 0
+        chosen.append(mine[sorted(random.Random(seed + idx).sample(range(len(mine)), keep))])
+    return rows.take(np.concatenate(chosen))
 
 
 class ImageRowsDataset(Dataset):
     """Decodes each row's image; one that fails to decode (e.g. truncated) raises ``DataError`` naming its
     file and line, or with ``on_bad_image="skip"`` is left out of its batch and counted."""
 
-    def __init__(self, rows: list[Row], on_bad_image: str = "error"):
+    def __init__(self, rows: RowIndex, on_bad_image: str = "error"):
         self.rows = rows
         self.on_bad_image = on_bad_image
 
@@ -174,14 +78,14 @@ class ImageRowsDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int, int] | None:
-        row = self.rows[i]
+        path = self.rows.path(i)
         try:
-            return load_image(row.image_path), row.label, row.dataset_idx
+            return load_image(path), int(self.rows.labels[i]), int(self.rows.dataset_idx[i])
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             if self.on_bad_image == "skip":
                 return None
             raise DataError(
-                f"{row.source}: cannot decode image {row.image_path} ({e}); fix or remove the row, or set "
+                f"{self.rows.source(i)}: cannot decode image {path} ({e}); fix or remove the row, or set "
                 "data.on_bad_image: skip"
             ) from None
 
@@ -261,6 +165,12 @@ class QwenDataModule(L.LightningDataModule):
         eval_seed: seed choosing the ``eval_ratio`` subset.
         on_bad_image: an image that fails to decode while loading: ``error`` (stop, naming file and line) or
             ``skip`` (leave it out of its batch; skipped images are counted and reported).
+        check_images: what the start-up check does with each row's image: ``header`` (open it and read its
+            format and size), ``exists`` (one stat) or ``none`` (trust the list; a bad image is then met by
+            ``on_bad_image`` while loading). The rows themselves are always checked.
+        index_cache_dir: where the checked rows are cached, keyed by each JSONL's path, size and mtime, the
+            datasets and ``check_images`` (default ``$QWEN_CLS_CACHE``, else ``~/.cache/qwen-cls``). The
+            processes of a run share the result through it.
         seed: linked from ``seed_everything``: the training order is shuffled from it and the epoch.
     """
 
@@ -278,6 +188,8 @@ class QwenDataModule(L.LightningDataModule):
         dataset_configs: dict[str, DatasetConfig] | None = None,
         eval_seed: int = 0,
         on_bad_image: str = "error",
+        check_images: CheckLevel = "header",
+        index_cache_dir: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -299,11 +211,13 @@ class QwenDataModule(L.LightningDataModule):
         self.dataset_configs = dict(dataset_configs)
         self.eval_seed = eval_seed
         self.on_bad_image = on_bad_image
+        self.check_images = check_images
+        self.index_cache_dir = index_cache_dir
         self.seed = seed
         self._resume_skip_batches = 0
         self.processor = None
-        self.train_rows: list[Row] | None = None
-        self.val_rows: list[Row] | None = None
+        self.train_rows: RowIndex | None = None
+        self.val_rows: RowIndex | None = None
         self.full_eval = False
 
     def _load_processor(self):
@@ -326,13 +240,22 @@ class QwenDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_rows is None:
             if not self.train_jsonl:
                 raise ConfigError("data.train_jsonl: required for fit")
-            self.train_rows = read_rows(self.train_jsonl, self.dataset_configs)
+            self.train_rows = self._rows(self.train_jsonl)
         if self.val_rows is None and self._validation_needed(stage):
             if not self.val_jsonl:
                 raise ConfigError(
                     "data.val_jsonl: required when evaluating (or set training.skip_evaluation: true)"
                 )
-            self.val_rows = read_rows(self.val_jsonl, self.dataset_configs)
+            self.val_rows = self._rows(self.val_jsonl)
+
+    def _rows(self, jsonl) -> RowIndex:
+        trainer = self.trainer
+        ranks = (
+            (trainer.global_rank, trainer.local_rank, trainer.world_size)
+            if trainer is not None
+            else (0, 0, 1)
+        )
+        return shared_rows(jsonl, self.dataset_configs, self.check_images, self.index_cache_dir, *ranks)
 
     def collator(self) -> Collator:
         processor = self._load_processor()

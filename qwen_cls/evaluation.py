@@ -38,7 +38,16 @@ from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import say, wandb_online
 
-DATA_KEYS = ("batch_size", "eval_batch_size", "num_workers", "min_pixels", "max_pixels", "prompt_template")
+DATA_KEYS = (
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "min_pixels",
+    "max_pixels",
+    "prompt_template",
+    "check_images",
+    "index_cache_dir",
+)
 CSV_FILE = "eval_all.csv"
 PLOT_FILE = "eval_all.png"
 

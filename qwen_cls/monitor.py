@@ -23,13 +23,14 @@ from lightning.pytorch.profilers import Profiler
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from qwen_cls import plots
+from qwen_cls.console import tell
 from qwen_cls.errors import ConfigError
 
 
 @rank_zero_only
 def say(message: str) -> None:
     """One line to the user on stdout, from rank 0 only."""
-    print(f"[qwen-cls] {message}", flush=True)
+    tell(message)
 
 
 def quiet_library_chatter() -> None:

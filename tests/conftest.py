@@ -22,6 +22,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def row_cache(tmp_path_factory) -> Path:
+    """Checked rows are cached here, not in the user's ~/.cache (children inherit the variable)."""
+    path = tmp_path_factory.mktemp("row-cache")
+    os.environ["QWEN_CLS_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl")

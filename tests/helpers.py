@@ -1,6 +1,7 @@
 """Helpers that run inside the `qwen-cls fit` processes of tests: callbacks given in a test's YAML, and
 scripts (`python -m tests.helpers FUNCTION ARGS`): a fit that then computes the trained module's logits on
-every rank, a fit whose background write of one checkpoint waits for a signal file."""
+every rank, a fit whose background write of one checkpoint waits for a signal file, a fit that counts each
+process's start-up image checks."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def fit_and_save_logits(config: str, rows: str, out: str) -> None:
     import torch
 
     from qwen_cls.cli import run_lightning_cli
-    from qwen_cls.data import ImageRowsDataset, read_rows
+    from qwen_cls.data import ImageRowsDataset
+    from qwen_cls.rows import read_rows
 
     cli = run_lightning_cli(["fit", "--config", config])
     dataset = ImageRowsDataset(read_rows(rows, cli.datamodule.dataset_configs))
@@ -82,6 +84,23 @@ def fit_with_a_held_write(config: str, step: str, gate: str) -> None:
         real(path, *args)
 
     checkpoint.write_hf_model = held
+    main(["fit", "--config", config])
+
+
+def fit_counting_row_checks(config: str, out_dir: str) -> None:
+    """`qwen-cls fit --config CONFIG` where every start-up image check appends its path to
+    OUT_DIR/checks-rank<LOCAL_RANK> (the checking pool's processes count for the rank that started them)."""
+    from qwen_cls import rows
+    from qwen_cls.cli import main
+
+    real = rows._check_image
+
+    def counted(path: str, level: str) -> None:
+        with open(Path(out_dir) / f"checks-rank{os.environ.get('LOCAL_RANK', '0')}", "a") as fh:
+            fh.write(path + "\n")
+        real(path, level)
+
+    rows._check_image = counted
     main(["fit", "--config", config])
 
 

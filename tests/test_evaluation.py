@@ -15,8 +15,9 @@ from PIL import Image
 
 from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.config import DatasetConfig
-from qwen_cls.data import eval_subset, read_rows
+from qwen_cls.data import eval_subset
 from qwen_cls.evaluation import evaluate, evaluate_all
+from qwen_cls.rows import read_rows
 from tests.conftest import REPO, base_config, run_log, start_qwen_cls, write_config
 
 

@@ -25,7 +25,8 @@ def test_two_process_ddp_and_zero2_fit_equal_one_process_with_the_same_global_ba
 ):
     """2 gloo processes x 4 images = 1 process x 8 images: the same rows per step (DistributedSampler splits
     the same seeded order), so the same checkpoints, losses, gradient norms and weights, under DDP and under
-    DeepSpeed ZeRO-2 with 2 micro-batches of 2 images."""
+    DeepSpeed ZeRO-2 with 2 micro-batches of 2 images. Rank 0 alone checks the rows (each once), rank 1
+    uses its result (the run's own, empty row cache)."""
     single = base_config(tiny_model, demo_data, tmp_path / "single")
     single["training"].update(max_steps=6, save_steps=3, logging_steps=1)
     run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "single.yaml", single))])
@@ -35,18 +36,25 @@ def test_two_process_ddp_and_zero2_fit_equal_one_process_with_the_same_global_ba
         config["training"].update(max_steps=6, save_steps=3, logging_steps=1)
         # ZeRO-2 as 2 processes x 2 micro-batches of 2 images: DeepSpeed's accumulation, scaled once
         config["data"]["batch_size"] = 4 if strategy == "ddp" else 2
+        config["data"]["index_cache_dir"] = str(tmp_path / f"{strategy}-cache")
         config["trainer"].update(
             strategy=strategy, devices=2, accumulate_grad_batches=1 if strategy == "ddp" else 2
         )
         path = write_config(tmp_path / f"{strategy}.yaml", config)
+        checks = tmp_path / f"{strategy}-checks"
+        checks.mkdir()
         out = subprocess.run(
-            [sys.executable, "-m", "qwen_cls", "fit", "--config", str(path)],
+            [sys.executable, "-m", "tests.helpers", "fit_counting_row_checks", str(path), str(checks)],
             cwd=REPO,
             capture_output=True,
             text=True,
             env=child_env(),
         )
         assert out.returncode == 0, out.stderr[-3000:]
+        assert sorted(p.name for p in checks.iterdir()) == ["checks-rank0"]
+        checked = (checks / "checks-rank0").read_text().splitlines()
+        assert len(checked) == len(set(checked)) == 4000
+        assert out.stdout.count("checked 4,000 rows of train.jsonl (header check)") == 1
     rows = {}
     for name in ("single", "ddp", "deepspeed_stage_2"):
         with run_log(tmp_path / name).open() as fh:

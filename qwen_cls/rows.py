@@ -389,7 +389,7 @@ class RowCache:
             sort_keys=True,
         )
         digest = hashlib.sha256(self.key.encode()).hexdigest()[:32]
-        self.path = Path(cache_dir or default_cache_dir()) / "rows" / f"{digest}.npz"
+        self.path = Path(cache_dir or default_cache_dir()).expanduser() / "rows" / f"{digest}.npz"
 
     def load(self) -> RowIndex | None:
         """The cached rows, or None when there are none; an unreadable or foreign file is rebuilt, with a warning."""

@@ -141,7 +141,7 @@ def test_extreme_aspect_ratio_and_decompression_bomb_stop_before_training(
     )
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 28x28 digit is now over twice the limit
-    config["data"]["train_jsonl"] = str(small_rows(demo_data, tmp_path / "b.jsonl", 2))
+    config["data"]["train_jsonl"] = str(small_rows(demo_data, tmp_path / "b.jsonl", 1))
     code, line = fit_line(tmp_path, config, capsys)
     assert code == 2
     assert line.startswith(f"qwen-cls: error: {tmp_path / 'b.jsonl'}:1: not a readable image")

@@ -118,7 +118,7 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps(row), flush=True)
         worker = child(jsonl, args.levels[0], tmp / f"cache-{args.rows[-1]}-{args.levels[0]}", "worker")
-    print(f"\n| rows | check | first start (s) | cached start (s) | held per row (B) | as Row objects (B) |")
+    print("\n| rows | check | first start (s) | cached start (s) | held per row (B) | as Row objects (B) |")
     print("|---|---|---|---|---|---|")
     for r in results:
         objects = f"{r['objects_rss_per_row']:.0f}" if "objects_rss_per_row" in r else ""

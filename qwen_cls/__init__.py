@@ -1,7 +1,8 @@
 """qwen-cls: fine-tune Qwen2.5-VL as an image classifier with PyTorch Lightning.
 
-Importing the package registers the classifier with transformers' Auto classes; the Python API
-(``fit``, ``evaluate``, ``evaluate_all``, ``Predictor``, ``report``) is imported on first use.
+Importing the package imports :mod:`qwen_cls.modeling` only (torch and transformers), which registers the
+classifier with transformers' Auto classes; the trainer (``QwenClassifier``) and the Python API (``fit``,
+``evaluate``, ``evaluate_all``, ``Predictor``, ``report``) load Lightning on first use.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from qwen_cls.model import QwenClassifier, QwenVLClassifierConfig, QwenVLForImageClassification
+from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "QwenClassifier": "qwen_cls.model",
     "fit": "qwen_cls.api",
     "FitResult": "qwen_cls.api",
     "evaluate": "qwen_cls.api",

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from qwen_cls.checkpoint import DTYPES, HF_DIR, INFO_FILE, STATE_DIR, training_dtype, zero_weights
 from qwen_cls.errors import ConfigError
-from qwen_cls.model import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
+from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
 from qwen_cls.monitor import say
 
 

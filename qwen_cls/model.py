@@ -1,9 +1,7 @@
-"""Qwen2.5-VL as an image classifier: a Hugging Face model class and the LightningModule that trains it.
+"""The LightningModule that trains the classifier, and loading a Qwen2.5-VL checkpoint into it.
 
-``QwenVLForImageClassification`` is what ``hf_model/`` holds: the vision-language backbone without its
-LM head (the 150k-column vocabulary projection is never computed), the hidden state of each sample's
-last non-padding token, and a linear head. It is a plain ``PreTrainedModel``: ``from_pretrained`` alone
-loads it, and so does ``AutoModelForImageClassification`` once ``qwen_cls`` is imported.
+The Hugging Face model itself (what ``hf_model/`` holds) is in :mod:`qwen_cls.modeling`, which needs no
+Lightning.
 """
 
 from __future__ import annotations
@@ -18,90 +16,25 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from huggingface_hub.dataclasses import strict
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForImageClassification,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLModel,
-)
+from transformers import Qwen2_5_VLModel
 from transformers import logging as hf_logging
-from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 from transformers.optimization import get_cosine_schedule_with_warmup
 
 from qwen_cls.config import DatasetConfig
 from qwen_cls.errors import ConfigError, QwenClsError
 from qwen_cls.losses import LossConfig, classification_loss, mask_logits, validate_loss_config
 from qwen_cls.metrics import ClassificationMetrics
+from qwen_cls.modeling import (
+    MODEL_INPUTS,
+    QwenVLClassifierConfig,
+    QwenVLForImageClassification,
+    classifier_config,
+)
 from qwen_cls.monitor import say
 from qwen_cls.strategy import make_adamw, zero_stage_3
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-
-
-@strict
-class QwenVLClassifierConfig(Qwen2_5_VLConfig):
-    """Qwen2.5-VL plus the head: ``linear`` (logits = W h + b) or ``cosine`` (logits = scale * cos(h, W), the
-    head ArcFace trains)."""
-
-    model_type = "qwen2_5_vl_classifier"
-    classifier_head: str = "linear"
-    cosine_scale: float = 30.0
-
-
-def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden state at each row's last attended position; right for left and right padding alike."""
-    positions = torch.arange(hidden.shape[1], device=hidden.device)
-    last = (attention_mask.to(positions.dtype) * positions).argmax(dim=-1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-class QwenVLForImageClassification(Qwen2_5_VLPreTrainedModel):
-    config_class = QwenVLClassifierConfig
-
-    def __init__(self, config: QwenVLClassifierConfig, backbone: Qwen2_5_VLModel | None = None):
-        super().__init__(config)
-        self.model = backbone if backbone is not None else Qwen2_5_VLModel(config)
-        cosine = config.classifier_head == "cosine"
-        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels, bias=not cosine)
-        self.post_init()
-
-    def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        if self.config.classifier_head == "cosine":
-            weight = nn.functional.normalize(self.score.weight, dim=-1)
-            return self.config.cosine_scale * nn.functional.normalize(pooled, dim=-1) @ weight.T
-        return self.score(pooled)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        image_grid_thw: torch.LongTensor,
-        mm_token_type_ids: torch.IntTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutputWithNoAttention:
-        hidden = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            use_cache=False,
-            **kwargs,
-        ).last_hidden_state
-        logits = self.head(pool_last_token(hidden, attention_mask))
-        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
-        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
-
-
-AutoConfig.register(QwenVLClassifierConfig.model_type, QwenVLClassifierConfig)
-AutoModelForImageClassification.register(QwenVLClassifierConfig, QwenVLForImageClassification)
 
 
 def qwen_model_type(path: str | Path) -> str:
@@ -201,27 +134,6 @@ def init_head(score: nn.Linear, config: QwenVLClassifierConfig, seed: int) -> No
         score.weight.copy_(torch.randn(score.weight.shape, generator=generator) * std)
         if score.bias is not None:
             score.bias.zero_()
-
-
-def classifier_config(
-    backbone_config: Qwen2_5_VLConfig,
-    num_labels: int,
-    classifier_head: str = "linear",
-    cosine_scale: float = 30.0,
-) -> QwenVLClassifierConfig:
-    """The classifier's config: the backbone's, plus the head and its labels."""
-    labels = {
-        "id2label": {i: str(i) for i in range(num_labels)},
-        "label2id": {str(i): i for i in range(num_labels)},
-    }
-    skip = {"model_type", "architectures", "num_labels", *labels}
-    return QwenVLClassifierConfig(
-        **{k: v for k, v in backbone_config.to_dict().items() if k not in skip},
-        num_labels=num_labels,
-        classifier_head=classifier_head,
-        cosine_scale=cosine_scale,
-        **labels,
-    )
 
 
 def _dtype_for(name: str, precision: str | None) -> torch.dtype:

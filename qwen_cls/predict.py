@@ -21,7 +21,7 @@ from qwen_cls.data import load_image, to_rgb
 from qwen_cls.errors import ConfigError, DataError
 from qwen_cls.evaluation import _processor_path, load_module, make_datamodule, read_setup, resolve_checkpoint
 from qwen_cls.losses import mask_logits
-from qwen_cls.model import MODEL_INPUTS
+from qwen_cls.modeling import MODEL_INPUTS
 from qwen_cls.monitor import quiet_library_chatter, say
 from qwen_cls.rows import image_size_problem
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
 from qwen_cls.errors import ConfigError
-from qwen_cls.model import MODEL_INPUTS
+from qwen_cls.modeling import MODEL_INPUTS
 from qwen_cls.strategy import CPUDeepSpeedStrategy, build_strategy, deepspeed_kwargs
 from tests.conftest import REPO, base_config, child_env, write_config
 

@@ -14,7 +14,7 @@ import yaml
 from qwen_cls.checkpoint import list_checkpoints
 from qwen_cls.cli import run_lightning_cli
 from qwen_cls.evaluation import evaluate
-from qwen_cls.model import MODEL_INPUTS, QwenVLForImageClassification
+from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
 from tests.conftest import base_config, run_log, write_config
 
 EVERYTHING_ON = {

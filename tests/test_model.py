@@ -13,7 +13,8 @@ from transformers import AutoModelForImageClassification, AutoProcessor
 from qwen_cls.data import chat_prompt
 from qwen_cls.errors import ConfigError
 from qwen_cls.losses import LossConfig, classification_loss, validate_loss_config
-from qwen_cls.model import QwenClassifier, QwenVLForImageClassification, load_classifier, pool_last_token
+from qwen_cls.model import QwenClassifier, load_classifier
+from qwen_cls.modeling import QwenVLForImageClassification, pool_last_token
 
 
 def test_pool_last_token_picks_the_last_attended_position():
@@ -135,3 +136,47 @@ def test_gradient_checkpointing_option_gives_the_same_gradients(tiny_model):
         loss.backward()
         grads.append(module.net.model.visual.patch_embed.proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+SERVE = """
+import json, sys
+before = set(sys.modules)
+{imports}
+model = {model_class}.from_pretrained(sys.argv[1])
+print(json.dumps({{"class": type(model).__name__, "modules": sorted(set(sys.modules) - before)}}))
+"""
+
+
+@pytest.mark.slow
+def test_the_trained_model_loads_without_the_trainer(tiny_model, tmp_path):
+    """A fresh interpreter that imports ``qwen_cls.modeling`` and loads an ``hf_model/`` with transformers'
+    Auto class imports nothing of ours beyond ``qwen_cls.modeling`` and nothing transformers' own loading of a
+    Qwen2.5-VL would not: no Lightning, matplotlib, W&B (psutil is transformers' own import, not ours)."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig
+
+    from qwen_cls.modeling import classifier_config
+
+    hf_model = tmp_path / "hf_model"
+    QwenVLForImageClassification(
+        classifier_config(AutoConfig.from_pretrained(tiny_model), 10)
+    ).save_pretrained(hf_model)
+
+    def loaded(imports: str, model_class: str, folder) -> dict:
+        script = SERVE.format(imports=imports, model_class=model_class)
+        out = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    auto = "import qwen_cls.modeling\nfrom transformers import AutoModelForImageClassification"
+    ours = loaded(auto, "AutoModelForImageClassification", hf_model)
+    assert ours["class"] == "QwenVLForImageClassification"
+    plain = loaded("from transformers import Qwen2_5_VLModel", "Qwen2_5_VLModel", tiny_model)  # the backbone
+    extra = set(ours["modules"]) - set(plain["modules"])
+    assert extra == {"qwen_cls", "qwen_cls.modeling"}, sorted(extra)
+    assert not {"lightning", "matplotlib", "wandb", "torchmetrics"} & {
+        m.split(".")[0] for m in ours["modules"]
+    }

@@ -20,7 +20,7 @@ from qwen_cls.checkpoint import has_state, list_checkpoints, run_status
 from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.errors import CheckpointError
 from qwen_cls.evaluation import evaluate
-from qwen_cls.model import MODEL_INPUTS, QwenVLForImageClassification
+from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
 from qwen_cls.reporting import write_report
 from tests.conftest import base_config, losses_by_step, start_qwen_cls, write_config
 

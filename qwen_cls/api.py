@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import yaml
 
 from qwen_cls.checkpoint import list_checkpoints
+from qwen_cls.console import quiet_library_chatter
 from qwen_cls.errors import ConfigError
 from qwen_cls.evaluation import evaluate
 from qwen_cls.evaluation import evaluate_all as _evaluate_all
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import quiet_library_chatter
 from qwen_cls.reporting import write_report
 
 __all__ = ["FitResult", "evaluate", "evaluate_all", "fit", "report"]

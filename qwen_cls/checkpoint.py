@@ -34,8 +34,9 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
-from qwen_cls.monitor import describe_device, say
+from qwen_cls.flops import describe_device
 from qwen_cls.saving import (
     BackgroundWriter,
     HostCheckpointIO,

@@ -53,20 +53,14 @@ from qwen_cls.config import (
     TrainingConfig,
     WandbConfig,
 )
+from qwen_cls.console import quiet_library_chatter, say
 from qwen_cls.data import QwenDataModule, export_demo_data
 from qwen_cls.errors import ConfigError, QwenClsError
 from qwen_cls.evaluation import evaluate, evaluate_all
 from qwen_cls.export import export
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import (
-    LogLineProgress,
-    RunPlots,
-    TrainingMonitor,
-    quiet_library_chatter,
-    say,
-    wandb_online,
-)
+from qwen_cls.monitor import LogLineProgress, RunPlots, TrainingMonitor, wandb_online
 from qwen_cls.policy import Resolution, resolve, resume_changes
 from qwen_cls.predict import predict
 from qwen_cls.reporting import write_report

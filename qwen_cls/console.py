@@ -1,8 +1,47 @@
-"""What the user reads on the console. No Lightning, no torch: any module (and any process) can use it."""
+"""What the user reads on the console: our one-line messages, and the libraries' chatter kept out of them.
+
+No torch and no Lightning at import: any module, and any process (a checking pool's), can use it.
+"""
 
 from __future__ import annotations
 
+import logging
+import warnings
+
+from lightning_utilities.core.rank_zero import rank_zero_only
+
 
 def tell(message: str) -> None:
-    """One line on stdout, from whichever process calls it (:func:`qwen_cls.monitor.say` is rank 0's)."""
+    """One line on stdout, from whichever process calls it (:func:`say` is rank 0's)."""
     print(f"[qwen-cls] {message}", flush=True)
+
+
+def say(message: str) -> None:
+    """One line to the user on stdout, from global rank 0 only (the rank Lightning gave its ``rank_zero_only``;
+    0 before Lightning is imported)."""
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        tell(message)
+
+
+def quiet_library_chatter() -> None:
+    """No transformers progress bars ("Loading weights", "Writing model shards") and no Lightning
+    advertisement in our output; warnings and errors still come through."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    # DeepSpeed calls torch.distributed's old collective names, once per call; Lightning points ZeRO-3 users
+    # to a single-file conversion, where hf_model/ and `qwen-cls export` are the answer here
+    warnings.filterwarnings(
+        "ignore", r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated", FutureWarning
+    )
+    warnings.filterwarnings("ignore", "When saving the DeepSpeed Stage 3 checkpoint")
+    # our datamodule saves and restores the position in the epoch (ResumableSampler), which Lightning cannot see
+    warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
+    lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in lightning_info.filters):
+        lightning_info.addFilter(_NoAdverts())
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()

@@ -32,11 +32,12 @@ from qwen_cls.checkpoint import (
     refuse_unsafe_checkpoint,
 )
 from qwen_cls.config import DatasetConfig
+from qwen_cls.console import say
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import say, wandb_online
+from qwen_cls.monitor import wandb_online
 
 DATA_KEYS = (
     "batch_size",

@@ -17,9 +17,9 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 from qwen_cls.checkpoint import DTYPES, HF_DIR, INFO_FILE, STATE_DIR, training_dtype, zero_weights
+from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
-from qwen_cls.monitor import say
 
 
 def export(checkpoint_path: str, output: str | None = None, dtype: str = "auto") -> Path:

@@ -24,6 +24,7 @@ from transformers import logging as hf_logging
 from transformers.optimization import get_cosine_schedule_with_warmup
 
 from qwen_cls.config import DatasetConfig
+from qwen_cls.console import say
 from qwen_cls.errors import ConfigError, QwenClsError
 from qwen_cls.losses import LossConfig, classification_loss, mask_logits, validate_loss_config
 from qwen_cls.metrics import ClassificationMetrics
@@ -33,7 +34,6 @@ from qwen_cls.modeling import (
     QwenVLForImageClassification,
     classifier_config,
 )
-from qwen_cls.monitor import say
 from qwen_cls.strategy import make_adamw, zero_stage_3
 
 

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 from qwen_cls.checkpoint import HF_DIR, INFO_FILE
+from qwen_cls.console import quiet_library_chatter, say
 from qwen_cls.data import load_image, to_rgb
 from qwen_cls.errors import ConfigError, DataError
 from qwen_cls.evaluation import _processor_path, load_module, make_datamodule, read_setup, resolve_checkpoint
 from qwen_cls.losses import mask_logits
 from qwen_cls.modeling import MODEL_INPUTS
-from qwen_cls.monitor import quiet_library_chatter, say
 from qwen_cls.rows import image_size_problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

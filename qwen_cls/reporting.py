@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 
 from qwen_cls.checkpoint import BEST_FILE, INFO_FILE, run_status, scan_checkpoints
+from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
 from qwen_cls.evaluation import CSV_FILE, PLOT_FILE, best_row
-from qwen_cls.monitor import say
 from qwen_cls.plots import PLOTS_DIR, plot_run, read_metrics
 
 EVAL_COLUMNS = (

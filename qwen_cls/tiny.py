@@ -20,7 +20,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from qwen_cls.monitor import quiet_library_chatter
+from qwen_cls.console import quiet_library_chatter
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

@@ -34,6 +34,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from qwen_cls.config import DiskCheck, SaveDtype
 from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
 from qwen_cls.flops import describe_device
@@ -130,7 +131,7 @@ def marked_running(output_dir: str | Path, write: bool):
 def run_status(output_dir: str | Path, checkpoints: list[Path]) -> str:
     """``finished``, ``in progress``, ``stopped by SIGTERM`` (or SIGINT; a checkpoint of the step it stopped
     at was saved) or ``stopped`` (killed or crashed before its final checkpoint)."""
-    last = json.loads((checkpoints[-1] / INFO_FILE).read_text()) if checkpoints else {}
+    last = read_info(checkpoints[-1]) if checkpoints else {}
     if last.get("final"):
         return "finished"
     marker = Path(output_dir) / RUNNING_FILE
@@ -301,6 +302,28 @@ def write_info(path: Path, info: dict[str, Any]) -> None:
     path.write_text(json.dumps(info, indent=2, default=str) + "\n")
 
 
+def read_info(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``training_info.json`` (the one reader: evaluation, export, predict, report, resume)."""
+    path = Path(checkpoint) / INFO_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; is {Path(checkpoint).name} a checkpoint folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); the checkpoint's save did not finish") from None
+
+
+def write_best(folder: str | Path, record: dict[str, Any]) -> None:
+    """``best_checkpoint.json``: written by training's best-model tracking and by ``evaluate-all``."""
+    (Path(folder) / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_best(folder: str | Path) -> dict[str, Any]:
+    """The run's ``best_checkpoint.json``, or ``{}`` when there is none."""
+    path = Path(folder) / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_hf_model(path: Path, net: Any, weights: dict[str, torch.Tensor] | None, dtype, processor) -> None:
     """``save_pretrained`` of the classifier (with ``weights`` when given) and of the processor."""
     net.save_pretrained(path, state_dict=weights)
@@ -343,9 +366,9 @@ class QwenCheckpoint(ModelCheckpoint):
         keep_best_only: bool = False,
         keep_last_n: int | None = None,
         keep_state_last_n: int | None = None,
-        save_dtype: str = "auto",
+        save_dtype: SaveDtype = "auto",
         background_save: bool = True,
-        disk_check: str = "error",
+        disk_check: DiskCheck = "error",
         **kwargs: Any,
     ):
         super().__init__(
@@ -360,8 +383,6 @@ class QwenCheckpoint(ModelCheckpoint):
         self.keep_best_only = keep_best_only
         self.keep_last_n = keep_last_n
         self.keep_state_last_n = keep_state_last_n
-        if disk_check not in ("error", "warn", "off"):
-            raise ConfigError(f"training.disk_check: {disk_check!r}; choose error, warn or off")
         for key, value in (("keep_last_n", keep_last_n), ("keep_state_last_n", keep_state_last_n)):
             if value is not None and value < 1:
                 raise ConfigError(f"training.{key}: must be >= 1, got {value}")
@@ -514,7 +535,7 @@ class QwenCheckpoint(ModelCheckpoint):
             else:
                 shutil.rmtree(path, ignore_errors=True)
         if best is not None:
-            (final.parent / BEST_FILE).write_text(json.dumps(best, indent=2) + "\n")
+            write_best(final.parent, best)
 
     def _finish_writing(self, trainer: L.Trainer, collective: bool = True) -> None:
         """Wait for the save in flight. A failed write stops the run on every rank with one line (``collective``:

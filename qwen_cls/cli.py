@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -39,6 +40,7 @@ from qwen_cls.checkpoint import (
     list_checkpoints,
     load_zero3_weights,
     marked_running,
+    read_info,
     refuse_if_running,
     refuse_unsafe_checkpoint,
     restore_set_aside,
@@ -339,7 +341,7 @@ class QwenCLI(LightningCLI):
         )
         if folder is None or not (folder / INFO_FILE).is_file():
             return
-        info = json.loads((folder / INFO_FILE).read_text())
+        info = read_info(folder)
         now = json.loads(json.dumps(self.resolution.config, default=str))
         refused, reported = resume_changes(
             info.get("config", {}), now, info.get("world_size"), self.trainer.world_size
@@ -427,7 +429,31 @@ def run_lightning_cli(args: list[str] | None = None, exit_on_error: bool = True)
             args=args,
         )
     except ArgumentError as e:
-        raise ConfigError(str(e).replace("\n", " ")) from None
+        raise parse_error(e) from None
+
+
+def parse_error(error: Exception) -> ConfigError:
+    """jsonargparse's message as our one line, ``key: problem``: a bad choice lists the choices, an unknown key
+    is named."""
+    text = " ".join(str(error).split())
+    keyed = re.fullmatch(r'Parser key "([^"]+)": (.*)', text)
+    if not keyed:
+        unknown = re.fullmatch(
+            r"(?:Group '([^']+)'|Subcommand '[^']+') does not accept option '([^']+)'", text
+        )
+        if unknown:
+            return ConfigError(f"{unknown[1] + '.' if unknown[1] else ''}{unknown[2]}: unknown key")
+        flag = re.fullmatch(r"unrecognized arguments: --([\w.]+)(?:[= ].*)?", text)
+        return ConfigError(f"{flag[1]}: unknown key" if flag else text)
+    key, problem = keyed.groups()
+    choice = re.fullmatch(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", problem)
+    if choice:
+        options = ", ".join(option.strip().strip("'") for option in choice[1].split(","))
+        return ConfigError(f"{key}: {choice[2]!r} is not a choice; choose one of {options}")
+    expected = re.fullmatch(r"Expected a <class '(\w+)'>\. Got value: (.*)", problem)
+    if expected:
+        return ConfigError(f"{key}: expected {expected[1]}, got {expected[2]!r}")
+    return ConfigError(f"{key}: {problem}")
 
 
 # command -> (function, required arguments are positional)
@@ -482,9 +508,18 @@ def main(argv: list[str] | None = None) -> None:
         if argv[0] in TOOLS:
             function, positional = TOOLS[argv[0]]
             args = _bare_flags_true(function, argv[1:])
-            CLI(function, args=args, prog=f"qwen-cls {argv[0]}", as_positional=positional)
+            try:
+                CLI(
+                    function,
+                    args=args,
+                    prog=f"qwen-cls {argv[0]}",
+                    as_positional=positional,
+                    exit_on_error=False,
+                )
+            except ArgumentError as e:
+                raise parse_error(e) from None
         else:
-            run_lightning_cli(None if from_sys_argv else argv)
+            run_lightning_cli(None if from_sys_argv else argv, exit_on_error=False)
     except QwenClsError as e:
         print(f"qwen-cls: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

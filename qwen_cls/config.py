@@ -10,6 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# The choices of the config's string keys: jsonargparse refuses any other value when it parses the config,
+# listing these, and `--help` shows them.
+DiskCheck = Literal["error", "warn", "off"]
+OnNonFiniteLoss = Literal["error", "skip_step"]
+OnBadImage = Literal["error", "skip"]
+SaveDtype = Literal["auto", "bfloat16", "float32"]
+BestMode = Literal["max", "min"]
+
 
 @dataclass
 class DatasetConfig:
@@ -55,7 +63,7 @@ class BestModelTrackingConfig:
 
     enabled: bool = True
     metric: str = "overall_accuracy"
-    mode: str = "max"
+    mode: BestMode = "max"
     save_best_only: bool = False
 
 
@@ -110,10 +118,10 @@ class TrainingConfig:
     save_all_checkpoints: bool = False
     keep_last_n: int | None = None
     keep_state_last_n: int | None = None
-    save_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    save_dtype: SaveDtype = "auto"
     background_save: bool = True
-    disk_check: str = "error"
-    on_nonfinite_loss: str = "error"
+    disk_check: DiskCheck = "error"
+    on_nonfinite_loss: OnNonFiniteLoss = "error"
     evaluation: EvaluationConfig | None = None
     best_model_tracking: BestModelTrackingConfig | None = None
 

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoProcessor
 
-from qwen_cls.config import DatasetConfig
+from qwen_cls.config import DatasetConfig, OnBadImage
 from qwen_cls.errors import ConfigError, DataError
 from qwen_cls.model import qwen_model_type
 from qwen_cls.rows import CheckLevel, RowIndex, image_size_problem, shared_rows
@@ -187,14 +187,12 @@ class QwenDataModule(L.LightningDataModule):
         processor_path: str | None = None,
         dataset_configs: dict[str, DatasetConfig] | None = None,
         eval_seed: int = 0,
-        on_bad_image: str = "error",
+        on_bad_image: OnBadImage = "error",
         check_images: CheckLevel = "header",
         index_cache_dir: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
-        if on_bad_image not in ("error", "skip"):
-            raise ConfigError(f"data.on_bad_image: {on_bad_image!r}; choose error or skip")
         if batch_size < 1:
             raise ConfigError(f"data.batch_size: must be >= 1, got {batch_size}")
         if not dataset_configs:

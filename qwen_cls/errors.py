@@ -19,3 +19,7 @@ class DiskSpaceError(QwenClsError):
 
 class CheckpointError(QwenClsError):
     """A checkpoint cannot be used: incomplete, or holding objects other than tensors (never unpickled)."""
+
+
+class NonFiniteLossError(QwenClsError):
+    """The loss went NaN or infinite; the message names the step and the batch's datasets."""

@@ -22,14 +22,15 @@ from rich.console import Console
 from rich.table import Table
 
 from qwen_cls.checkpoint import (
-    BEST_FILE,
     HF_DIR,
     INFO_FILE,
     STATE_DIR,
     STATE_FILE,
     checkpoint_step,
     list_checkpoints,
+    read_info,
     refuse_unsafe_checkpoint,
+    write_best,
 )
 from qwen_cls.config import DatasetConfig
 from qwen_cls.console import say
@@ -78,7 +79,7 @@ def read_setup(checkpoint: Path, config_path: str | None) -> EvalSetup:
         info = checkpoint / INFO_FILE
         if not info.is_file():
             raise ConfigError(f"--checkpoint_path: {checkpoint} has no {INFO_FILE}; pass --config_path")
-        cfg = json.loads(info.read_text())["config"]
+        cfg = read_info(checkpoint)["config"]
     model, data, best = (dict(cfg.get(k) or {}) for k in ("model", "data", "best_model_tracking"))
     if "num_labels" not in model:
         raise ConfigError("model.num_labels: missing from the config")
@@ -242,7 +243,7 @@ def evaluate_all(
             if setup is None:
                 setup = read_setup(ckpt, config_path)
                 datamodule = make_datamodule(setup, eval_data, _processor_path(ckpt, setup), batch_size)
-            info = json.loads((ckpt / INFO_FILE).read_text())
+            info = read_info(ckpt)
             metrics = _validate(trainer, load_module(ckpt, setup), datamodule)
             rows.append({"step": checkpoint_step(ckpt), "checkpoint": ckpt.name, **metrics})
             say(f"{ckpt.name}: {setup.best_metric} = {metrics.get(setup.best_metric, float('nan')):.4f}")
@@ -291,7 +292,7 @@ def _write_results(
         "eval_data": str(eval_data),
         "source": "evaluate-all",
     }
-    (out / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_best(out, record)
     _plot(out / PLOT_FILE, run.name, rows, list(setup.datasets), {**best, "metric_name": setup.best_metric})
 
 

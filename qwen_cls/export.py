@@ -8,21 +8,25 @@ the host holds about one copy of the weights, in the dtype written, rather than 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from qwen_cls.checkpoint import DTYPES, HF_DIR, INFO_FILE, STATE_DIR, training_dtype, zero_weights
+from qwen_cls.checkpoint import DTYPES, HF_DIR, INFO_FILE, STATE_DIR, read_info, training_dtype, zero_weights
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
 
 
-def export(checkpoint_path: str, output: str | None = None, dtype: str = "auto") -> Path:
+def export(
+    checkpoint_path: str,
+    output: str | None = None,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+) -> Path:
     """Rebuild ``hf_model/`` (config, safetensors, processor) from a checkpoint's ``deepspeed/`` shards; for a
     checkpoint without shards, a copy of its ``hf_model/`` at ``output`` (in ``dtype``).
 
@@ -41,11 +45,9 @@ def export(checkpoint_path: str, output: str | None = None, dtype: str = "auto")
             f"--checkpoint_path: {checkpoint} is not a checkpoint folder with {INFO_FILE} and DeepSpeed shards "
             f"in {STATE_DIR}/ or an {HF_DIR}/"
         )
-    info = json.loads(info_file.read_text())
+    info = read_info(checkpoint)
     if dtype == "auto":
         dtype = training_dtype(str(info.get("precision", "32")))
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype: {dtype!r}; choose auto, {', '.join(DTYPES)}")
     target = Path(output) if output else checkpoint / HF_DIR
     if target.exists() and any(target.iterdir()):
         raise ConfigError(

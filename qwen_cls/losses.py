@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from qwen_cls.errors import ConfigError
 
-LOSS_TYPES = ("cross_entropy", "label_smoothing", "focal", "arcface", "symmetric_ce")
+LossType = Literal["cross_entropy", "label_smoothing", "focal", "arcface", "symmetric_ce"]
+LOSS_TYPES = get_args(LossType)
 RCE_LOG_ZERO = math.log(1e-4)  # symmetric CE's reverse term clamps the one-hot target at 1e-4
 
 
@@ -34,7 +36,7 @@ class LossConfig:
         temperature: every loss divides the logits by it first (> 0).
     """
 
-    type: str = "cross_entropy"
+    type: LossType = "cross_entropy"
     smoothing: float = 0.1
     gamma: float = 2.0
     alpha: float = 1.0
@@ -45,9 +47,8 @@ class LossConfig:
 
 
 def validate_loss_config(cfg: LossConfig) -> None:
-    """Raise ``ConfigError`` naming the key for anything a run would trip over later."""
-    if cfg.type not in LOSS_TYPES:
-        raise ConfigError(f"loss.type: unknown loss {cfg.type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    """Raise ``ConfigError`` naming the key for a value a run would trip over later (``type`` is a choice
+    jsonargparse checks when it parses the config)."""
     checks = [
         ("temperature", cfg.temperature > 0, "> 0"),
         ("smoothing", 0.0 <= cfg.smoothing < 1.0, "in [0, 1)"),

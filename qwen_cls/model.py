@@ -13,6 +13,7 @@ import math
 import random
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -23,9 +24,9 @@ from transformers import Qwen2_5_VLModel
 from transformers import logging as hf_logging
 from transformers.optimization import get_cosine_schedule_with_warmup
 
-from qwen_cls.config import DatasetConfig
+from qwen_cls.config import DatasetConfig, DatasetsConfig, OnNonFiniteLoss, TrainingConfig, WandbConfig
 from qwen_cls.console import say
-from qwen_cls.errors import ConfigError, QwenClsError
+from qwen_cls.errors import ConfigError, NonFiniteLossError
 from qwen_cls.losses import LossConfig, classification_loss, mask_logits, validate_loss_config
 from qwen_cls.metrics import ClassificationMetrics
 from qwen_cls.modeling import (
@@ -50,15 +51,16 @@ def qwen_model_type(path: str | Path) -> str:
     return model_type
 
 
-ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
+Attention = Literal["auto", "flash_attention_2", "sdpa", "eager"]
+TorchDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def choose_attention(requested: str, cuda_capability: tuple[int, int] | None, flash_installed: bool) -> str:
+def choose_attention(
+    requested: Attention, cuda_capability: tuple[int, int] | None, flash_installed: bool
+) -> str:
     """``auto``: FlashAttention-2 where the ``flash_attn`` package imports and the GPU is Ampere or newer
     (compute capability 8.0+), else PyTorch's SDPA, else eager. An explicit choice that cannot run is an
     error rather than a silent switch."""
-    if requested not in ATTENTION:
-        raise ConfigError(f"model.attn_implementation: {requested!r}; choose one of {', '.join(ATTENTION)}")
     flash_ok = flash_installed and cuda_capability is not None and cuda_capability >= (8, 0)
     if requested == "flash_attention_2" and not flash_ok:
         raise ConfigError(
@@ -147,10 +149,6 @@ def _say_once(message: str) -> None:
     say(message)
 
 
-class NonFiniteLossError(QwenClsError):
-    """The loss went NaN or infinite; the message names the step and the batch's datasets."""
-
-
 class QwenClassifier(L.LightningModule):
     """The ``model:`` section: what to load and how big the head is.
 
@@ -177,33 +175,23 @@ class QwenClassifier(L.LightningModule):
         self,
         pretrained_name: str,
         num_labels: int,
-        torch_dtype: str = "auto",
-        attn_implementation: str = "auto",
+        torch_dtype: TorchDtype = "auto",
+        attn_implementation: Attention = "auto",
         freeze_vision: bool = False,
         loss: LossConfig | None = None,
         dataset_configs: dict[str, DatasetConfig] | None = None,
-        enable_logits_masking: bool = True,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        warmup_steps: float = 0,
-        gradient_checkpointing: bool = False,
-        on_nonfinite_loss: str = "error",
-        log_dataset_metrics: bool = False,
+        enable_logits_masking: bool = DatasetsConfig.enable_logits_masking,
+        lr: float = TrainingConfig.lr,
+        weight_decay: float = TrainingConfig.weight_decay,
+        warmup_steps: float = TrainingConfig.warmup_steps,
+        gradient_checkpointing: bool = TrainingConfig.gradient_checkpointing,
+        on_nonfinite_loss: OnNonFiniteLoss = TrainingConfig.on_nonfinite_loss,
+        log_dataset_metrics: bool = WandbConfig.log_dataset_metrics,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.loss_config = loss or LossConfig()
         validate_loss_config(self.loss_config)
-        if torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(
-                f"model.torch_dtype: {torch_dtype!r}; choose auto, float32, bfloat16 or float16"
-            )
-        if attn_implementation not in ATTENTION:
-            raise ConfigError(
-                f"model.attn_implementation: {attn_implementation!r}; choose one of {', '.join(ATTENTION)}"
-            )
-        if on_nonfinite_loss not in ("error", "skip_step"):
-            raise ConfigError(f"training.on_nonfinite_loss: {on_nonfinite_loss!r}; choose error or skip_step")
         self.dataset_configs = dict(dataset_configs or {})
         for name, ds in self.dataset_configs.items():
             if ds.num_classes > num_labels:

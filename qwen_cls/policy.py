@@ -130,8 +130,6 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
             raise ConfigError(
                 f"best_model_tracking.metric: unknown metric {metric!r}; choose one of {', '.join(valid)}"
             )
-        if mode not in ("max", "min"):
-            raise ConfigError(f"best_model_tracking.mode: {mode!r}; choose max or min")
         eval_steps = int(training.get("eval_steps", 500))
         if save_steps % eval_steps:
             raise ConfigError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import json
 import os
 import statistics
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from qwen_cls.checkpoint import BEST_FILE, INFO_FILE, run_status, scan_checkpoints
+from qwen_cls.checkpoint import BEST_FILE, read_best, read_info, run_status, scan_checkpoints
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
 from qwen_cls.evaluation import CSV_FILE, PLOT_FILE, best_row
@@ -65,7 +64,7 @@ def _eval_results(run: Path, infos: dict[int, dict]) -> tuple[dict[int, dict[str
 
 def _best(run: Path, results: dict[int, dict[str, float]], source: str) -> tuple[int | None, str]:
     """The checkpoint to use and why, from the evaluations the run has."""
-    record = json.loads((run / BEST_FILE).read_text()) if (run / BEST_FILE).is_file() else {}
+    record = read_best(run)
     metric, mode = record.get("metric", "overall_accuracy"), record.get("mode", "max")
     if results and any(metric in r for r in results.values()):
         best = best_row([{"step": s, **r} for s, r in results.items()], metric, mode)
@@ -109,10 +108,7 @@ def write_report(run_dir: str, output: str | None = None) -> Path:
         )
     out = Path(output) if output else run / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    infos = {
-        int(json.loads((c / INFO_FILE).read_text())["step"]): json.loads((c / INFO_FILE).read_text())
-        for c in checkpoints
-    }
+    infos = {info["step"]: info for info in map(read_info, checkpoints)}
     last = infos[max(infos)] if infos else {}
     status = run_status(run, checkpoints)
     plot_run(run, (last.get("config", {}).get("wandb") or {}).get("run_name"))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from qwen_cls.cli import QwenCLI
+from qwen_cls.cli import QwenCLI, main
 from qwen_cls.data import QwenDataModule
 from qwen_cls.model import QwenClassifier
 from qwen_cls.strategy import deepspeed_kwargs
@@ -108,11 +108,76 @@ def test_config_errors_name_the_key(tiny_model, demo_data, tmp_path, extra, need
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("checkpoint-*"))
 
 
+CHOICE = "is not a choice; choose one of"
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (
+            ["--training.save_dtype=float16"],
+            f"training.save_dtype: 'float16' {CHOICE} auto, bfloat16, float32",
+        ),
+        (
+            ["--loss.type=focal_typo"],
+            f"loss.type: 'focal_typo' {CHOICE} cross_entropy, label_smoothing, focal, arcface, symmetric_ce",
+        ),
+        (["--data.on_bad_image=ignore"], f"data.on_bad_image: 'ignore' {CHOICE} error, skip"),
+        (["--data.check_images=full"], f"data.check_images: 'full' {CHOICE} header, exists, none"),
+        (["--training.disk_check=maybe"], f"training.disk_check: 'maybe' {CHOICE} error, warn, off"),
+        (
+            ["--training.on_nonfinite_loss=zero"],
+            f"training.on_nonfinite_loss: 'zero' {CHOICE} error, skip_step",
+        ),
+        (
+            ["--model.attn_implementation=flash3"],
+            f"model.attn_implementation: 'flash3' {CHOICE} auto, flash_attention_2, sdpa, eager",
+        ),
+        (["--model.torch_dtype=fp8"], f"model.torch_dtype: 'fp8' {CHOICE} auto, float32, bfloat16, float16"),
+        (["--best_model_tracking.mode=median"], f"best_model_tracking.mode: 'median' {CHOICE} max, min"),
+        (["--training.lr=abc"], "training.lr: expected float, got 'abc'"),
+        (["--training.bogus=1"], "training.bogus: unknown key"),
+        (["--training.bogus", "1"], "training.bogus: unknown key"),
+    ],
+)
+def test_bad_values_and_keys_are_one_line_at_parse_time(tiny_model, demo_data, tmp_path, capsys, args, line):
+    """Choices are typed: jsonargparse refuses a value outside them while parsing, before anything is built,
+    and the user reads one line naming the key and the choices."""
+    path = write_config(tmp_path / "config.yaml", base_config(tiny_model, demo_data, tmp_path / "run"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(path), *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"qwen-cls: error: {line}"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_the_choices_and_tools_refuse_bad_ones_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    shown = capsys.readouterr().out
+    for choices in (
+        "{error,skip}",
+        "{header,exists,none}",
+        "{error,warn,off}",
+        "{auto,flash_attention_2,sdpa,eager}",
+    ):
+        assert choices in shown
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint_path", "x", "--dtype", "float8"])
+    assert capsys.readouterr().err.strip() == (
+        f"qwen-cls: error: dtype: 'float8' {CHOICE} auto, float32, bfloat16, float16"
+    )
+
+
 def test_unknown_yaml_key_is_rejected(tiny_model, demo_data, tmp_path):
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     config["training"]["save_every"] = 5
     out = run_fit(tmp_path, config)
-    assert out.returncode == 2 and "save_every" in out.stderr
+    assert (
+        out.returncode == 2
+        and out.stderr.strip().splitlines()[-1] == "qwen-cls: error: training.save_every: unknown key"
+    )
 
 
 def test_evaluate_takes_the_seeds_flags_and_reports_missing_checkpoints(tmp_path, demo_data):

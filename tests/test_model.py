@@ -105,7 +105,6 @@ def test_label_smoothing_and_temperature_match_hand_computed_values():
 @pytest.mark.parametrize(
     "cfg,key",
     [
-        (LossConfig("focal_typo"), "loss.type"),
         (LossConfig("label_smoothing", smoothing=1.0), "loss.smoothing"),
         (LossConfig("cross_entropy", temperature=0.0), "loss.temperature"),
     ],

@@ -119,7 +119,7 @@ def test_undecodable_images_can_be_skipped_and_are_counted(tiny_model, demo_data
         ),
         (
             {"loss": {"type": "focal_loss"}},
-            "loss.type: unknown loss 'focal_loss'; choose one of cross_entropy",
+            "loss.type: 'focal_loss' is not a choice; choose one of cross_entropy, label_smoothing, focal",
         ),
         ({"model": {"pretrained_name": "NOT_QWEN"}}, "expected a Qwen2.5-VL folder"),
         ({"training": {"output_dir": "UNDER_A_FILE"}}, "is not writable"),

@@ -377,6 +377,7 @@ class QwenCheckpoint(ModelCheckpoint):
             auto_insert_metric_name=False,
             save_last=False,
             save_on_train_epoch_end=False,
+            enable_version_counter=False,  # one folder per step: a re-run of a step (a resume) replaces it, no -v1
             **kwargs,
         )
         self.run_info = run_info or {}
@@ -460,10 +461,6 @@ class QwenCheckpoint(ModelCheckpoint):
         """Lightning takes the step for the folder name from a logged "step" metric when there is one; the
         name must be the optimizer step whatever was (or was not) logged."""
         return {**super()._monitor_candidates(trainer), "step": torch.tensor(trainer.global_step)}
-
-    def _get_metric_interpolated_filepath_name(self, monitor_candidates, trainer, del_filepath=None) -> str:
-        """One folder per step: a re-run of a step (after a resume) replaces it instead of adding ``-v1``."""
-        return self.format_checkpoint_name(monitor_candidates)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Everything the checkpoint of this step holds is taken now (host copies when written in the

@@ -1,17 +1,94 @@
-"""Helpers that run inside the `qwen-cls fit` processes of tests: callbacks given in a test's YAML, and
-scripts (`python -m tests.helpers FUNCTION ARGS`): a fit that then computes the trained module's logits on
+"""What tests share: a user's small config (``base_config``), YAML writing, run logs, child processes; callbacks
+given in a test's YAML, run inside the `qwen-cls fit` processes; and scripts (`python -m tests.helpers FUNCTION ARGS`): a fit that then computes the trained module's logits on
 every rank, a fit whose background write of one checkpoint waits for a signal file, a fit that counts each
 process's start-up image checks."""
 
 from __future__ import annotations
 
+import copy
+import csv
 import os
 import signal as signal_module
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import yaml
 from lightning.pytorch import Callback
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base_config(tiny_model: Path, demo_data: Path, output_dir: Path) -> dict:
+    """A small no-evaluation run on the demo data, as a user would write it."""
+    return {
+        "model": {"pretrained_name": str(tiny_model), "num_labels": 10},
+        "loss": {"type": "cross_entropy"},
+        "datasets": {"dataset_configs": {"mnist": {"num_classes": 10, "description": "handwritten digits"}}},
+        "data": {
+            "train_jsonl": str(demo_data / "train.jsonl"),
+            "val_jsonl": str(demo_data / "val.jsonl"),
+            "batch_size": 8,
+            "num_workers": 0,
+        },
+        "training": {
+            "epochs": 1,
+            "max_steps": 12,
+            "lr": 2e-3,
+            "output_dir": str(output_dir),
+            "logging_steps": 2,
+            "save_steps": 5,
+            "eval_steps": 3,
+            "skip_evaluation": True,
+        },
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+    }
+
+
+def write_config(path: Path, config: dict, **updates: dict) -> Path:
+    """Write ``config`` with ``updates`` (section -> keys) merged in, as YAML."""
+    config = copy.deepcopy(config)
+    for section, values in updates.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_log(run: Path, name: str = "metrics.csv") -> Path:
+    """The newest ``logs/version_N/<name>`` of a run (each start or resume writes its own version)."""
+    versions = sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return versions[-1] / name
+
+
+# variables an in-process run of another test may have left; a child would reuse its port and ranks
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a multi-process child run."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+
+
+def losses_by_step(run: Path) -> dict[int, float]:
+    """``train/loss`` by optimizer step over every start of a run (a resume logs into its own version)."""
+    losses = {}
+    for log in sorted((run / "logs").glob("version_*/metrics.csv")):
+        with log.open() as fh:
+            losses.update(
+                {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r["train/loss"]}
+            )
+    return losses
+
+
+def start_qwen_cls(*args: str) -> subprocess.Popen:
+    """`qwen-cls ARGS` as a separate, silent process (for runs a test watches or kills)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwen_cls", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 class SignalAtStep(Callback):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import qwen_cls
 from qwen_cls.cli import main
 from qwen_cls.errors import ConfigError
-from tests.conftest import REPO, base_config, write_config
+from tests.helpers import REPO, base_config, write_config
 
 
 @pytest.fixture(scope="module")

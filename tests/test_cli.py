@@ -13,7 +13,7 @@ from qwen_cls.cli import QwenCLI, main
 from qwen_cls.data import QwenDataModule
 from qwen_cls.model import QwenClassifier
 from qwen_cls.strategy import deepspeed_kwargs
-from tests.conftest import REPO, base_config, write_config
+from tests.helpers import REPO, base_config, write_config
 
 
 def qwen_cls(*args: str, cwd=REPO) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from transformers import AutoModelForImageClassification
 from qwen_cls.errors import ConfigError
 from qwen_cls.modeling import MODEL_INPUTS
 from qwen_cls.strategy import CPUDeepSpeedStrategy, build_strategy, deepspeed_kwargs
-from tests.conftest import REPO, base_config, child_env, write_config
+from tests.helpers import REPO, base_config, child_env, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 

@@ -18,7 +18,7 @@ from qwen_cls.config import DatasetConfig
 from qwen_cls.data import eval_subset
 from qwen_cls.evaluation import evaluate, evaluate_all
 from qwen_cls.rows import read_rows
-from tests.conftest import REPO, base_config, run_log, start_qwen_cls, write_config
+from tests.helpers import REPO, base_config, run_log, start_qwen_cls, write_config
 
 
 def partial_evals(run: Path, samples: int = 100) -> dict[int, dict[str, float]]:

@@ -27,7 +27,7 @@ from qwen_cls.data import to_rgb
 from qwen_cls.policy import resume_changes
 from qwen_cls.predict import predict
 from qwen_cls.reporting import write_report
-from tests.conftest import REPO, base_config, child_env, losses_by_step, write_config
+from tests.helpers import REPO, base_config, child_env, losses_by_step, write_config
 
 HEX = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as in the Hugging Face cache
 

@@ -15,7 +15,7 @@ from qwen_cls.checkpoint import list_checkpoints
 from qwen_cls.cli import run_lightning_cli
 from qwen_cls.evaluation import evaluate
 from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
-from tests.conftest import base_config, run_log, write_config
+from tests.helpers import base_config, run_log, write_config
 
 EVERYTHING_ON = {
     "evaluation": {

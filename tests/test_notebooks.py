@@ -5,7 +5,7 @@ from __future__ import annotations
 import nbformat
 from nbclient import NotebookClient
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def execute(name: str, parameters: str) -> nbformat.NotebookNode:

@@ -77,12 +77,46 @@ def test_standard_mode_keeps_evaluation_settings(save_all, key):
     assert res.checkpoint["save_top_k"] == -1
     assert res.checkpoint["keep_best_only"] is (not save_all)
     assert res.checkpoint["mode"] == "max"
-    if save_all and key == "best_model_tracking.save_best_only":
-        assert value(res.config, key) is False
-        assert [o.key for o in res.overrides] == [key]
-    elif not save_all:
-        assert value(res.config, key) is True
-        assert res.overrides == []
+    kept = not (save_all and key == "best_model_tracking.save_best_only")
+    assert value(res.config, key) is kept
+    # the one change standard mode makes: save_all_checkpoints turns save_best_only off
+    assert [o.key for o in res.overrides] == (["best_model_tracking.save_best_only"] if save_all else [])
+
+
+# one key set to false (every other evaluation/best key true, save_all_checkpoints false): the user's false is
+# kept, the keys that depend on it are switched off and reported, and what the key controls changes
+FLIPPED = [
+    (
+        "evaluation.partial_eval_during_training",
+        {"best_model_tracking.enabled", "evaluation.eval_best_model_only"},
+        {"limit_val_batches": 0, "monitor": None},
+    ),
+    ("evaluation.full_eval_at_end", set(), {"limit_val_batches": 1.0, "monitor": "eval/overall_accuracy"}),
+    (
+        "evaluation.eval_best_model_only",
+        set(),
+        {"limit_val_batches": 1.0, "monitor": "eval/overall_accuracy"},
+    ),
+    (
+        "best_model_tracking.enabled",
+        {"evaluation.eval_best_model_only"},
+        {"limit_val_batches": 1.0, "monitor": None},
+    ),
+    ("best_model_tracking.save_best_only", set(), {"limit_val_batches": 1.0, "keep_best_only": True}),
+]
+
+
+@pytest.mark.parametrize("key,switched_off,effect", FLIPPED, ids=[row[0] for row in FLIPPED])
+def test_standard_mode_one_key_off(key, switched_off, effect):
+    cfg = make(False, False, True)
+    section, name = key.split(".")
+    cfg[section][name] = False
+    res = resolve(cfg)
+    assert value(res.config, key) is False
+    assert {o.key for o in res.overrides} == switched_off
+    assert all(value(res.config, k) is False for k in switched_off)
+    seen = {**res.trainer, **res.checkpoint}
+    assert {k: seen.get(k) for k in effect} == effect
 
 
 def test_standard_mode_without_partial_eval_does_not_validate_during_fit():

@@ -14,7 +14,7 @@ from PIL import Image
 from qwen_cls.cli import run_lightning_cli
 from qwen_cls.evaluation import evaluate_all
 from qwen_cls.reporting import write_report
-from tests.conftest import base_config, run_log, write_config
+from tests.helpers import base_config, run_log, write_config
 
 PLOTS = ("loss.png", "lr.png", "grad_norm.png", "throughput.png")
 

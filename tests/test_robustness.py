@@ -22,7 +22,7 @@ from qwen_cls.errors import CheckpointError
 from qwen_cls.evaluation import evaluate
 from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
 from qwen_cls.reporting import write_report
-from tests.conftest import base_config, losses_by_step, start_qwen_cls, write_config
+from tests.helpers import base_config, losses_by_step, start_qwen_cls, write_config
 
 
 def fit_cli(tmp_path: Path, config: dict, *extra: str, capsys=None) -> tuple[int, str]:

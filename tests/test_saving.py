@@ -23,7 +23,7 @@ from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.evaluation import evaluate_all
 from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
 from qwen_cls.reporting import write_report
-from tests.conftest import REPO, base_config, child_env, write_config
+from tests.helpers import REPO, base_config, child_env, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from qwen_cls.cli import run_lightning_cli
 from qwen_cls.errors import ConfigError
 from qwen_cls.model import choose_attention
-from tests.conftest import REPO, base_config, child_env, run_log, write_config
+from tests.helpers import REPO, base_config, child_env, run_log, write_config
 
 
 @pytest.mark.slow

@@ -10,8 +10,7 @@ import torch
 
 from qwen_cls.cli import run_lightning_cli
 from qwen_cls.data import auto_num_workers
-from tests.conftest import REPO, base_config, write_config
-from tests.helpers import STEP
+from tests.helpers import REPO, STEP, base_config, write_config
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 

@@ -16,6 +16,8 @@ from qwen_cls.cli import main
 from qwen_cls.errors import ConfigError
 from tests.helpers import REPO, base_config, write_config
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def api_run(tiny_model, demo_data, tmp_path_factory):

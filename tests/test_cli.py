@@ -22,6 +22,7 @@ def qwen_cls(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_help_lists_every_command():
     out = qwen_cls("--help")
     assert out.returncode == 0
@@ -29,6 +30,7 @@ def test_help_lists_every_command():
         assert f"  {command}" in out.stdout
 
 
+@pytest.mark.slow
 def test_reference_configs_parse():
     out = qwen_cls("fit", "--config", "configs/food101_no_eval_save_all.yaml", "--print_config")
     assert out.returncode == 0, out.stderr
@@ -76,6 +78,7 @@ def assert_clean_failure(out: subprocess.CompletedProcess, *needles: str) -> str
     return last
 
 
+@pytest.mark.slow
 def test_bad_row_stops_before_training_with_file_and_line(tiny_model, demo_data, tmp_path):
     rows = []
     for line in (demo_data / "train.jsonl").read_text().splitlines()[:20]:
@@ -93,6 +96,7 @@ def test_bad_row_stops_before_training_with_file_and_line(tiny_model, demo_data,
     assert not list((tmp_path / "run").glob("checkpoint-*")) if (tmp_path / "run").exists() else True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra,needles",
     [
@@ -170,6 +174,7 @@ def test_help_lists_the_choices_and_tools_refuse_bad_ones_in_one_line(capsys):
     )
 
 
+@pytest.mark.slow
 def test_unknown_yaml_key_is_rejected(tiny_model, demo_data, tmp_path):
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     config["training"]["save_every"] = 5
@@ -180,6 +185,7 @@ def test_unknown_yaml_key_is_rejected(tiny_model, demo_data, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_evaluate_takes_the_seeds_flags_and_reports_missing_checkpoints(tmp_path, demo_data):
     out = qwen_cls(
         "evaluate", "--checkpoint_path", str(tmp_path), "--eval_data", str(demo_data / "val.jsonl")
@@ -187,6 +193,7 @@ def test_evaluate_takes_the_seeds_flags_and_reports_missing_checkpoints(tmp_path
     assert_clean_failure(out, "--checkpoint_path", "neither a checkpoint folder")
 
 
+@pytest.mark.slow
 def test_progress_outside_a_terminal_is_plain_lines(tiny_model, demo_data, tmp_path, capsys):
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     config["training"].update(max_steps=4, save_steps=4, logging_steps=2)
@@ -202,6 +209,7 @@ def test_progress_outside_a_terminal_is_plain_lines(tiny_model, demo_data, tmp_p
     assert "\r" not in out and "\x1b" not in out
 
 
+@pytest.mark.slow
 def test_a_successful_command_ends_the_process_group(tmp_path):
     """Left to interpreter exit, gloo's threads can abort a run that succeeded (exit -6 seen in CI)."""
     script = (

@@ -20,8 +20,6 @@ from qwen_cls.modeling import MODEL_INPUTS
 from qwen_cls.strategy import CPUDeepSpeedStrategy, build_strategy, deepspeed_kwargs
 from tests.helpers import REPO, base_config, child_env, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
-
 STEPS, EVERY = 6, 3
 
 
@@ -111,6 +109,8 @@ def assert_same_weights(a_dir: Path, b_dir: Path, atol: float) -> None:
     assert worst <= atol, f"weights differ by up to {worst}"
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_fit_checkpoints_logits_export_and_resume(stage, tiny_model, demo_data, val_subset, tmp_path):
     """ZeRO-2 in no-evaluation mode; ZeRO-3 in standard mode (evaluation, best model, final evaluation)."""
@@ -185,6 +185,8 @@ def test_zero_fit_checkpoints_logits_export_and_resume(stage, tiny_model, demo_d
     )
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("stage", [2, 3])
@@ -221,6 +223,8 @@ def test_zero_on_a_gpu_in_bf16(stage, tiny_model, demo_data, val_subset, tmp_pat
     )
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_validate_a_zero3_checkpoint(tiny_model, demo_data, val_subset, tmp_path):
     """`qwen-cls validate --ckpt_path checkpoint-N` under ZeRO-3, where DeepSpeed's own loader fails
     (deepspeedai/DeepSpeed#7272): the numbers equal `evaluate` of the same checkpoint's hf_model/."""
@@ -253,6 +257,8 @@ def test_validate_a_zero3_checkpoint(tiny_model, demo_data, val_subset, tmp_path
     assert validated == pytest.approx(json.loads((tmp_path / "e.json").read_text())["overall_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(
     tiny_model, demo_data, val_subset, tmp_path
 ):

@@ -20,6 +20,8 @@ from qwen_cls.evaluation import evaluate, evaluate_all
 from qwen_cls.rows import read_rows
 from tests.helpers import REPO, base_config, run_log, start_qwen_cls, write_config
 
+pytestmark = pytest.mark.slow
+
 
 def partial_evals(run: Path, samples: int = 100) -> dict[int, dict[str, float]]:
     """The logged evaluations on the ``samples``-row subset, by optimizer step."""

@@ -61,6 +61,7 @@ def image_row(path: Path, label: int = 1) -> str:
 # 1. hub-cache paths are paths; only the real key is refused
 
 
+@pytest.mark.slow
 def test_hub_cache_model_data_and_output_dir_are_used_as_given(tiny_model, demo_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", HEX[::-1])  # present in the environment: never copied anywhere
     model = tmp_path / "hub" / "models--Qwen--Qwen2.5-VL-7B-Instruct" / "snapshots" / HEX
@@ -83,6 +84,7 @@ def test_hub_cache_model_data_and_output_dir_are_used_as_given(tiny_model, demo_
     assert written and not any(HEX[::-1] in p.read_text() for p in written)
 
 
+@pytest.mark.slow
 def test_a_config_value_holding_the_wandb_key_is_refused_not_rewritten(
     tiny_model, demo_data, tmp_path, capsys, monkeypatch
 ):
@@ -127,6 +129,7 @@ def test_transparency_is_composited_on_white_and_exif_orientation_applied(tmp_pa
 # 5. images the processor refuses, and decompression bombs
 
 
+@pytest.mark.slow
 def test_extreme_aspect_ratio_and_decompression_bomb_stop_before_training(
     tiny_model, demo_data, tmp_path, capsys, monkeypatch
 ):
@@ -149,6 +152,7 @@ def test_extreme_aspect_ratio_and_decompression_bomb_stop_before_training(
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_predict_reports_a_refused_image_and_keeps_the_others(no_eval_run, demo_data, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -249,6 +253,7 @@ def test_a_second_fit_into_a_running_output_dir_is_refused_naming_the_first(
     assert not (tmp_path / "run" / RUNNING_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_stale_marker_of_a_dead_process_is_taken_over_with_a_warning(tiny_model, demo_data, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -265,6 +270,7 @@ def test_a_stale_marker_of_a_dead_process_is_taken_over_with_a_warning(tiny_mode
 # 6. resume with a changed config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -289,6 +295,7 @@ def test_resume_refuses_a_change_of_data_order_or_shapes(no_eval_run, tmp_path, 
     )
 
 
+@pytest.mark.slow
 def test_resume_reports_a_changed_learning_rate_and_goes_on(no_eval_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(no_eval_run, run)
@@ -340,6 +347,7 @@ def test_resume_changes_table():
 # 7. a best-model metric of a dataset without validation rows
 
 
+@pytest.mark.slow
 def test_best_metric_of_a_dataset_without_validation_rows_stops_before_step_1(
     tiny_model, demo_data, tmp_path, capsys
 ):
@@ -361,6 +369,7 @@ def test_best_metric_of_a_dataset_without_validation_rows_stops_before_step_1(
 # 8. start-up checks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -380,6 +389,7 @@ def test_values_that_would_train_nothing_are_config_errors(
     assert (code, line) == (2, f"qwen-cls: error: {message}")
 
 
+@pytest.mark.slow
 def test_bad_data_files_name_the_file_and_line(tiny_model, demo_data, tmp_path, capsys):
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     latin1 = small_rows(demo_data, tmp_path / "latin1.jsonl", 2)

@@ -17,6 +17,8 @@ from qwen_cls.evaluation import evaluate
 from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
 from tests.helpers import base_config, run_log, write_config
 
+pytestmark = pytest.mark.slow
+
 EVERYTHING_ON = {
     "evaluation": {
         "partial_eval_during_training": True,

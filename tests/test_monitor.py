@@ -104,6 +104,7 @@ def _rows(run: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_no_evaluation_run_logs_perf_and_train_metrics_to_csv_and_offline_wandb(
     tiny_model, demo_data, tmp_path
 ):
@@ -140,6 +141,7 @@ def test_no_evaluation_run_logs_perf_and_train_metrics_to_csv_and_offline_wandb(
     assert all(declared[f"{p}/*"] == "trainer/global_step" for p in ("train", "perf", "system", "eval"))
 
 
+@pytest.mark.slow
 def test_standard_mode_logs_evaluation_against_the_step_it_evaluates(tiny_model, demo_data, tmp_path):
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     config["wandb"] = {"enabled": True, "project": "qwen-cls-tests"}
@@ -158,6 +160,7 @@ def test_standard_mode_logs_evaluation_against_the_step_it_evaluates(tiny_model,
     ]
 
 
+@pytest.mark.slow
 def test_train_loss_is_the_mean_over_accumulated_micro_batches(tiny_model, demo_data, tmp_path):
     """Batches of 4 accumulated twice see the same 8 images per step as batches of 8: same loss and counts."""
     losses = {}

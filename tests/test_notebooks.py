@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def execute(name: str, parameters: str) -> nbformat.NotebookNode:

@@ -16,6 +16,8 @@ from qwen_cls.evaluation import evaluate_all
 from qwen_cls.reporting import write_report
 from tests.helpers import base_config, run_log, write_config
 
+pytestmark = pytest.mark.slow
+
 PLOTS = ("loss.png", "lr.png", "grad_norm.png", "throughput.png")
 
 

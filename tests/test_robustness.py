@@ -24,6 +24,8 @@ from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
 from qwen_cls.reporting import write_report
 from tests.helpers import base_config, losses_by_step, start_qwen_cls, write_config
 
+pytestmark = pytest.mark.slow
+
 
 def fit_cli(tmp_path: Path, config: dict, *extra: str, capsys=None) -> tuple[int, str]:
     """Run `qwen-cls fit` in-process as the console script does; the exit status and the last stderr line."""

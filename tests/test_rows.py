@@ -176,6 +176,7 @@ def _process(rank: int, port: int, out: str, scenarios: list[dict]) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_processes_share_one_check_or_each_node_checks_its_own_copy(demo_data, tmp_path):
     path = relative_rows(demo_data, tmp_path, 200)

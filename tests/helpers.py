@@ -94,18 +94,26 @@ def start_qwen_cls(*args: str) -> subprocess.Popen:
 class SignalAtStep(Callback):
     """Send ``signal`` once optimizer step ``step`` is done: to this process, or with ``group`` to its whole
     process group (every rank; SIGKILL then is a node lost without warning). A real signal at a step chosen
-    exactly, rather than by a race with a timer."""
+    exactly, rather than by a race with a timer. With ``group``, global rank 0 sends it once the save in flight
+    (written in the background) is complete, so that a test knows which checkpoints the kill left whole; a kill
+    during a write has its own test (test_saving.py)."""
 
     def __init__(self, step: int, signal: str = "SIGKILL", group: bool = False):
         self.step, self.signum, self.group = step, getattr(signal_module, signal), group
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not getattr(self, "_sent", False):
-            self._sent = True
-            if self.group:
-                os.killpg(os.getpgid(0), self.signum)
-            else:
-                os.kill(os.getpid(), self.signum)
+        if trainer.global_step != self.step or getattr(self, "_sent", False):
+            return
+        self._sent = True
+        if not self.group:
+            os.kill(os.getpid(), self.signum)
+        elif trainer.global_rank == 0:
+            from qwen_cls.checkpoint import QwenCheckpoint
+
+            for callback in trainer.callbacks:
+                if isinstance(callback, QwenCheckpoint):
+                    callback._writer.wait()
+            os.killpg(os.getpgid(0), self.signum)
 
 
 class PauseAtStep(Callback):

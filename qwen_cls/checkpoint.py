@@ -38,6 +38,7 @@ from qwen_cls.config import DiskCheck, SaveDtype
 from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
 from qwen_cls.flops import describe_device
+from qwen_cls.lora import ADAPTER_DIR, adapter_items, merged_items, scaling, write_adapter
 from qwen_cls.saving import (
     BackgroundWriter,
     HostCheckpointIO,
@@ -220,14 +221,18 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> tuple[int, int]:
     """Estimated bytes of a checkpoint's ``hf_model/`` (weights in ``dtype``, default their own) and of its
     resumable state (weights, AdamW's two fp32 moments, an fp32 master copy when the weights are not fp32).
-    Under DeepSpeed the state is split into one shard per rank; the total in output_dir is the same."""
+    Under DeepSpeed the state is split into one shard per rank; the total in output_dir is the same. With
+    LoRA, ``hf_model/`` holds the merged model (no adapters) and the state only what trains."""
 
     def numel(p: torch.Tensor) -> int:  # a ZeRO-3 partition's placeholder is empty; ds_numel is the whole
         return getattr(p, "ds_numel", p.numel())
 
-    weights = sum(numel(p) * p.element_size() for p in net.parameters())
-    hf = weights if dtype is None else sum(numel(p) * dtype.itemsize for p in net.parameters())
-    trainable = [p for p in net.parameters() if p.requires_grad]
+    named = list(net.named_parameters())
+    lora = any(".lora_" in n for n, _ in named)
+    merged = [p for n, p in named if ".lora_" not in n]
+    hf = sum(numel(p) * (p.element_size() if dtype is None else dtype.itemsize) for p in merged)
+    trainable = [p for _, p in named if p.requires_grad]
+    weights = sum(numel(p) * p.element_size() for p in (trainable if lora else [p for _, p in named]))
     optimizer = sum(numel(p) * (8 if p.dtype == torch.float32 else 12) for p in trainable)
     return hf, weights + optimizer
 
@@ -369,6 +374,7 @@ class QwenCheckpoint(ModelCheckpoint):
         save_dtype: SaveDtype = "auto",
         background_save: bool = True,
         disk_check: DiskCheck = "error",
+        save_adapter: bool = False,
         **kwargs: Any,
     ):
         super().__init__(
@@ -388,6 +394,7 @@ class QwenCheckpoint(ModelCheckpoint):
             if value is not None and value < 1:
                 raise ConfigError(f"training.{key}: must be >= 1, got {value}")
         self.save_dtype = save_dtype
+        self.save_adapter = save_adapter
         self._dtype: torch.dtype | None = None
         self.disk_check = disk_check
         self.background_save = background_save
@@ -480,7 +487,7 @@ class QwenCheckpoint(ModelCheckpoint):
         with self._files.collect(defer=background) as state_files:
             trainer.save_checkpoint(resume_state_path(tmp, deepspeed), self.save_weights_only)
             loss = module.take_loss("save")  # the mean since the previous save, all ranks
-            weights = self._hf_weights(trainer, copy=background)
+            weights, adapter = self._hf_weights(trainer, copy=background)
         self._files.release()
         info = best = processor = None
         if trainer.is_global_zero:
@@ -493,7 +500,7 @@ class QwenCheckpoint(ModelCheckpoint):
             tmp,
             final,
             (trainer.global_rank, trainer.world_size),
-            (module.net, weights, processor),
+            (module.net, weights, processor, adapter),
             info,
             best,
             doomed + [f"{p}/{STATE_DIR}" for p in stateless],
@@ -511,12 +518,14 @@ class QwenCheckpoint(ModelCheckpoint):
         """This rank's files of one save; then global rank 0 (the one with ``info``) waits until every rank's
         are written, writes ``training_info.json``, renames the folder into place and deletes what retention
         no longer keeps (only now that the newer checkpoint is complete)."""
-        (global_rank, world_size), (net, weights, processor) = rank, model
+        (global_rank, world_size), (net, weights, processor, adapter) = rank, model
         try:
             for write in state_files:
                 write()
             if info is not None:
                 write_hf_model(tmp / HF_DIR, net, weights, self._dtype, processor)
+                if adapter is not None:
+                    write_adapter(tmp / ADAPTER_DIR, *adapter)
         except BaseException as e:
             mark_done(tmp, global_rank, failure=f"{type(e).__name__}: {e}")
             raise
@@ -561,15 +570,35 @@ class QwenCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
 
-    def _hf_weights(self, trainer: L.Trainer, copy: bool) -> dict[str, torch.Tensor] | None:
+    def _hf_weights(
+        self, trainer: L.Trainer, copy: bool
+    ) -> tuple[dict[str, torch.Tensor] | None, tuple | None]:
         """``hf_model/``'s weights at this step, in the save dtype: ZeRO-3 partitions gathered by every rank;
-        host copies on global rank 0 (None: the module's own, read when written)."""
-        net = trainer.lightning_module.net
+        host copies on global rank 0 (None: the module's own, read when written). With LoRA, the merged
+        weights, and with ``save_adapter`` the adapter's config and weights for ``adapter/``."""
+        module = trainer.lightning_module
+        net, lora = module.net, module.lora
+        if not lora.enabled:
+            if zero_stage_3(trainer.strategy):
+                return gathered_state_dict(net, keep=trainer.is_global_zero, dtype=self._dtype), None
+            if not trainer.is_global_zero or not (copy or self._dtype is not None):
+                return None, None
+            return {
+                name: self._files.copy(tensor, self._dtype) for name, tensor in net.state_dict().items()
+            }, None
         if zero_stage_3(trainer.strategy):
-            return gathered_state_dict(net, keep=trainer.is_global_zero, dtype=self._dtype)
-        if not trainer.is_global_zero or not (copy or self._dtype is not None):
-            return None
-        return {name: self._files.copy(tensor, self._dtype) for name, tensor in net.state_dict().items()}
+            state = gathered_state_dict(net, keep=trainer.is_global_zero)
+        else:
+            state = net.state_dict() if trainer.is_global_zero else {}
+        if not trainer.is_global_zero:
+            return None, None
+        weights = {name: self._files.copy(t, self._dtype) for name, t in merged_items(state, scaling(lora))}
+        adapter = None
+        if self.save_adapter:
+            config = module.peft_model.peft_config["default"]
+            full = config.modules_to_save
+            adapter = (config, {name: self._files.copy(t) for name, t in adapter_items(state, full)})
+        return weights, adapter
 
     def _retention_plan(self, latest: Path) -> tuple[list[str], list[str]]:
         """What to delete once ``latest`` is complete: whole folders (the best plus the latest with

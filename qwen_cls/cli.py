@@ -218,7 +218,14 @@ class QwenCLI(LightningCLI):
             trainer_config["strategy"] = strategy
         retention = {
             key: cfg.training[key]
-            for key in ("keep_last_n", "keep_state_last_n", "save_dtype", "background_save", "disk_check")
+            for key in (
+                "keep_last_n",
+                "keep_state_last_n",
+                "save_dtype",
+                "background_save",
+                "disk_check",
+                "save_adapter",
+            )
         }
         callbacks = [QwenCheckpoint(output_dir, run_info=run_info, **retention, **self.resolution.checkpoint)]
         if self.subcommand == "fit":
@@ -252,6 +259,9 @@ class QwenCLI(LightningCLI):
         )
         if kwargs is None:
             return None
+        lora = cfg.model.get("lora")
+        # LoRA: DeepSpeed's files hold what trains; the frozen base is loaded from model.pretrained_name again
+        kwargs["exclude_frozen_parameters"] = bool(lora and lora.enabled)
         cuda = cfg.trainer.accelerator not in ("cpu",) and torch.cuda.is_available()
         return build_strategy(kwargs, cuda)
 

@@ -35,6 +35,30 @@ class DatasetConfig:
 
 
 @dataclass
+class LoraSettings:
+    """``model.lora``: low-rank adapters (peft's LoRA) instead of a full fine-tune. The head always trains in full.
+
+    Args:
+        enabled: train adapters on the chosen projections; the base weights stay frozen.
+        r: the adapters' rank (>= 1).
+        alpha: the update is scaled by alpha / r.
+        dropout: dropout on the adapters' input, in [0, 1).
+        target_modules: module-name suffixes to adapt (e.g. ``[q_proj, v_proj]``); default: the language model's
+            attention and MLP projections (q, k, v, o, gate, up, down).
+        vision: also adapt the vision tower's attention and MLP projections (``target_modules`` default only).
+        modules_to_save: modules trained in full besides the head (``score``), e.g. ``[model.visual.merger]``.
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    vision: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DatasetsConfig:
     """The ``datasets:`` section: every dataset a JSONL row may name.
 
@@ -92,6 +116,8 @@ class TrainingConfig:
             of them can still be evaluated. Default: every state is kept. The remedy the disk check suggests.
         save_dtype: dtype of the ``hf_model/`` weights: ``auto`` (bfloat16 for a bf16 run, else float32),
             ``bfloat16`` or ``float32``.
+        save_adapter: with ``model.lora.enabled``, also write ``adapter/`` (peft's own format) beside the merged
+            ``hf_model/``, to load onto the base model with peft.
         background_save: copy what a save writes to host memory at the save step and write the files while
             training goes on (at most one save in flight); false writes them with training paused.
         disk_check: before step 1, compare the space the kept checkpoints will take with the free space at
@@ -119,6 +145,7 @@ class TrainingConfig:
     keep_last_n: int | None = None
     keep_state_last_n: int | None = None
     save_dtype: SaveDtype = "auto"
+    save_adapter: bool = False
     background_save: bool = True
     disk_check: DiskCheck = "error"
     on_nonfinite_loss: OnNonFiniteLoss = "error"

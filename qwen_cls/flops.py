@@ -88,8 +88,37 @@ def forward_flops(config, seq_lens: torch.Tensor, grid_thw: torch.Tensor | None)
     """Forward FLOPs of the classifier on sequences as they really are: their images' patch grids, their
     real lengths (visual + text tokens, no padding), the pooled head. A tensor on the inputs' device, so
     counting never waits for the accelerator."""
+    text, vision = forward_flops_by_part(config, seq_lens, grid_thw)
+    return text + vision
+
+
+def forward_flops_by_part(config, seq_lens: torch.Tensor, grid_thw: torch.Tensor | None):
+    """(language model with the head, vision tower) forward FLOPs: see :func:`forward_flops`."""
     hidden = config.text_config.hidden_size
-    flops = text_flops(config.text_config, seq_lens) + 2 * seq_lens.numel() * hidden * config.num_labels
-    if grid_thw is not None and grid_thw.numel():
-        flops = flops + vision_flops(config.vision_config, grid_thw)
-    return flops
+    text = text_flops(config.text_config, seq_lens) + 2 * seq_lens.numel() * hidden * config.num_labels
+    vision = (
+        vision_flops(config.vision_config, grid_thw) if grid_thw is not None and grid_thw.numel() else 0.0
+    )
+    return text, vision
+
+
+def pass_factors(net: torch.nn.Module) -> tuple[int, int]:
+    """Training FLOPs per forward FLOP for (the language model with the head, the vision tower).
+
+    Backward has two halves, each costing about one forward: the gradient with respect to activations,
+    needed through a part whenever a trained weight lies in it or before it (the vision tower feeds the
+    language model), and the gradient with respect to weights, only for weights that train. So a full
+    fine-tune counts 3 x forward everywhere; a frozen vision tower 1 x for it; LoRA 2 x for the parts it
+    adapts (its own rank-r matmuls, ~1% of a 7B projection's at r=16, are not counted) and 1 x for a frozen,
+    unadapted vision tower."""
+
+    def parts(prefix: str) -> tuple[bool, bool]:
+        base = [p for n, p in net.named_parameters() if n.startswith(prefix) and ".lora_" not in n]
+        trained = [p for n, p in net.named_parameters() if n.startswith(prefix) and p.requires_grad]
+        return bool(trained), bool(base) and all(p.requires_grad for p in base)
+
+    vision_trains, vision_full = parts("model.visual.")
+    text_trains, text_full = parts("model.language_model.")
+    text = 1 + (text_trains or vision_trains) + text_full
+    vision = 1 + vision_trains + vision_full
+    return text, vision

@@ -24,9 +24,17 @@ from transformers import Qwen2_5_VLModel
 from transformers import logging as hf_logging
 from transformers.optimization import get_cosine_schedule_with_warmup
 
-from qwen_cls.config import DatasetConfig, DatasetsConfig, OnNonFiniteLoss, TrainingConfig, WandbConfig
+from qwen_cls.config import (
+    DatasetConfig,
+    DatasetsConfig,
+    LoraSettings,
+    OnNonFiniteLoss,
+    TrainingConfig,
+    WandbConfig,
+)
 from qwen_cls.console import say
-from qwen_cls.errors import ConfigError, NonFiniteLossError
+from qwen_cls.errors import CheckpointError, ConfigError, NonFiniteLossError
+from qwen_cls.lora import adapted, apply_lora, check_settings
 from qwen_cls.losses import LossConfig, classification_loss, mask_logits, validate_loss_config
 from qwen_cls.metrics import ClassificationMetrics
 from qwen_cls.modeling import (
@@ -159,6 +167,8 @@ class QwenClassifier(L.LightningModule):
         attn_implementation: ``auto`` (FlashAttention-2 when installed and the GPU supports it, else ``sdpa``),
             ``flash_attention_2``, ``sdpa`` or ``eager``; the choice is logged once.
         freeze_vision: keep the vision tower's weights fixed (only the language model and the head train).
+        lora: low-rank adapters (peft) instead of a full fine-tune: ``enabled``, ``r``, ``alpha``, ``dropout``,
+            ``target_modules``, ``vision``, ``modules_to_save`` (see :class:`qwen_cls.config.LoraSettings`).
         loss: linked from the ``loss:`` section.
         dataset_configs: linked from ``datasets.dataset_configs``.
         enable_logits_masking: linked from ``datasets.enable_logits_masking``.
@@ -178,6 +188,7 @@ class QwenClassifier(L.LightningModule):
         torch_dtype: TorchDtype = "auto",
         attn_implementation: Attention = "auto",
         freeze_vision: bool = False,
+        lora: LoraSettings | None = None,
         loss: LossConfig | None = None,
         dataset_configs: dict[str, DatasetConfig] | None = None,
         enable_logits_masking: bool = DatasetsConfig.enable_logits_masking,
@@ -192,6 +203,10 @@ class QwenClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.loss_config = loss or LossConfig()
         validate_loss_config(self.loss_config)
+        self.lora = lora or LoraSettings()
+        if self.lora.enabled:
+            check_settings(self.lora)
+            self.strict_loading = False  # a LoRA checkpoint holds what trains; the frozen base is loaded anew
         self.dataset_configs = dict(dataset_configs or {})
         for name, ds in self.dataset_configs.items():
             if ds.num_classes > num_labels:
@@ -248,6 +263,8 @@ class QwenClassifier(L.LightningModule):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed_config = HfDeepSpeedConfig(self._trainer.strategy.config)
+        # the adapters' seed, before loading (which draws from the RNG under ZeRO-3 only), as the head's
+        lora_seed = int(torch.randint(0, 2**31 - 1, ())) if self.lora.enabled else 0
         self.net = load_classifier(
             hp.pretrained_name, hp.num_labels, dtype, attention, head, self.loss_config.scale
         ).train()  # from_pretrained returns eval mode; Lightning switches to eval for validation itself
@@ -255,6 +272,28 @@ class QwenClassifier(L.LightningModule):
             self.net.model.visual.requires_grad_(False)
         if hp.gradient_checkpointing:
             self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora.enabled:
+            if hp.gradient_checkpointing:
+                self.net.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
+            # kept outside the module tree: its parameters are self.net's, which it wraps
+            partitioned = self._trainer is not None and zero_stage_3(self._trainer.strategy)
+            object.__setattr__(self, "peft_model", apply_lora(self.net, self.lora, lora_seed, partitioned))
+
+    def on_fit_start(self) -> None:
+        """Once per run: what trains."""
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.net.parameters() if p.requires_grad)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in self.net.parameters())
+        if self.lora.enabled:
+            how = f"LoRA r={self.lora.r} on {len(adapted(self.net))} projections, the head in full"
+        else:
+            how = "full fine-tune" + (", vision tower frozen" if self.hparams.freeze_vision else "")
+        say(
+            f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%; {how})"
+        )
+
+    def trainable_state_names(self) -> set[str]:
+        """The checkpoint's ``state_dict`` entries of what trains (LoRA keeps only those; see on_save_checkpoint)."""
+        return {f"net.{n}" for n, p in self.net.named_parameters() if p.requires_grad}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.net(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
@@ -452,6 +491,11 @@ class QwenClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if (
+            self.lora.enabled and "state_dict" in checkpoint
+        ):  # DeepSpeed keeps module weights in its own files
+            keep = self.trainable_state_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["qwen_cls"] = {
             "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps,
@@ -461,6 +505,13 @@ class QwenClassifier(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.lora.enabled and "state_dict" in checkpoint:
+            missing = sorted(self.trainable_state_names() - set(checkpoint["state_dict"]))
+            if missing:
+                raise CheckpointError(
+                    f"ckpt_path: the checkpoint lacks {len(missing)} of the LoRA run's trained weights (e.g. "
+                    f"{missing[0]}); was it written with the same model.lora settings?"
+                )
         state = checkpoint.get("qwen_cls", {})
         self.samples_seen = state.get("samples_seen", 0)
         self.skipped_steps = state.get("skipped_steps", 0)

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from qwen_cls import plots
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
-from qwen_cls.flops import device_peak_flops, forward_flops
+from qwen_cls.flops import device_peak_flops, forward_flops_by_part, pass_factors
 
 
 def wandb_online() -> bool:
@@ -116,8 +116,9 @@ class TrainingMonitor(Callback):
     """``perf/*`` at every logging step and ``system/*`` at ``monitor.system_every_n_steps``.
 
     A window runs from one logging step to the next, counting all ranks: samples, real tokens and the
-    analytical FLOPs of what was processed (:func:`forward_flops` x3 for forward + backward; x4 with
-    activation recomputation, reported as ``perf/hfu``). Time spent in validation is left out of the
+    analytical FLOPs of what was processed (forward x3 for forward + backward where every weight trains,
+    fewer for frozen weights and LoRA: :func:`qwen_cls.flops.pass_factors`; one forward more with activation
+    recomputation, reported as ``perf/hfu``). Time spent in validation is left out of the
     window; checkpoint saving is part of it. ``perf/mfu`` needs the device's peak (:func:`device_peak_flops`).
     """
 
@@ -146,6 +147,7 @@ class TrainingMonitor(Callback):
             trainer.profiler = self.clock = _FetchClock(trainer.profiler)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.factors = pass_factors(pl_module.net)
         self.peak, source = device_peak_flops(pl_module.device, self.peak_tflops)
         peak = (
             f"{self.peak / 1e12:.0f} TFLOP/s per device ({source})" if self.peak else f"not logged: {source}"
@@ -193,13 +195,15 @@ class TrainingMonitor(Callback):
     def _perf(self, trainer) -> dict[str, float]:
         seconds = max(time.perf_counter() - self._window_start - self._excluded, 1e-9)
         lengths = torch.cat(self._lengths)
-        flops = forward_flops(
+        text, vision = forward_flops_by_part(
             trainer.lightning_module.net.config, lengths, torch.cat(self._grids) if self._grids else None
         )
+        trained = self.factors[0] * text + self.factors[1] * vision
         counts = torch.stack([torch.tensor(float(lengths.numel()), device=lengths.device, dtype=torch.float64),
-                              lengths.sum().to(torch.float64), flops.to(torch.float64)])  # fmt: skip
-        samples, tokens, flops = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        model_flops = 3 * flops / seconds / trainer.world_size  # per device
+                              lengths.sum().to(torch.float64), torch.as_tensor(trained, dtype=torch.float64),
+                              torch.as_tensor(text + vision, dtype=torch.float64)])  # fmt: skip
+        samples, tokens, trained, forward = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        model_flops = trained / seconds / trainer.world_size  # per device
         metrics = {
             "perf/samples_per_second": samples / seconds,
             "perf/tokens_per_second": tokens / seconds,
@@ -209,7 +213,8 @@ class TrainingMonitor(Callback):
         }
         if self.peak:
             metrics["perf/mfu"] = model_flops / self.peak
-            metrics["perf/hfu"] = model_flops * (4 / 3 if self.recompute else 1) / self.peak
+            recomputed = forward / seconds / trainer.world_size if self.recompute else 0.0
+            metrics["perf/hfu"] = (model_flops + recomputed) / self.peak
         return metrics
 
 

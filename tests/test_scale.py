@@ -108,7 +108,9 @@ def test_attention_choice(requested, capability, flash, chosen):
 
 def test_attention_that_cannot_run_is_a_config_error():
     """(A name that is no choice at all is refused at parse time: tests/test_cli.py.)"""
-    with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 needs the flash-attn"):
+    with pytest.raises(
+        ConfigError, match="model.attn_implementation: flash_attention_2 needs the flash-attn"
+    ):
         choose_attention("flash_attention_2", None, False)
 
 

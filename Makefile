@@ -41,6 +41,7 @@ bench: setup
 	$(PY) bench/eval_all.py
 	$(PY) bench/checkpoint_cost.py
 	$(PY) bench/data_startup.py
+	$(PY) bench/lora.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,7 +1,7 @@
 """LoRA on the classifier through peft: which projections get adapters, the merged weights ``hf_model/`` holds,
 and ``adapter/`` in peft's own format.
 
-The base weights are frozen, adapters and the head (peft's ``modules_to_save``) train. Checkpoints keep the
+The base weights are frozen; the adapters and the head (and ``modules_to_save``) train. Checkpoints keep the
 promised layout: ``hf_model/`` holds the merged weights (W + alpha/r * B A, computed in fp32 one matrix at a
 time) under the plain model's names, so ``from_pretrained`` alone loads it and every tool works unchanged.
 """

@@ -177,6 +177,11 @@ RESUME_FIXED = {
     "model.num_labels": "the head's shape",
     "loss.type": "the head (arcface trains a cosine head)",
     "datasets.dataset_configs": "the labels and the logits masking",
+    "model.lora.enabled": "what trains and what the checkpoint holds",
+    "model.lora.r": "the adapters' shapes",
+    "model.lora.target_modules": "which projections carry adapters",
+    "model.lora.vision": "which projections carry adapters",
+    "model.lora.modules_to_save": "what trains in full",
 }
 _NOT_SETTINGS = ("config", "ckpt_path")
 
@@ -198,9 +203,12 @@ def resume_changes(
     """A checkpoint's recorded config against the resuming run's: the changes to refuse (each with why),
     and the others, to report. Both configs are resolved, JSON-like dicts."""
     old, new = _flatten(saved), _flatten(now)
+    lora = old.get("model.lora.enabled") or new.get("model.lora.enabled")  # neither: no LoRA key matters
     refused, reported = [], []
     for key in sorted(set(old) | set(new)):
         if key.split(".")[0] in _NOT_SETTINGS or old.get(key) == new.get(key):
+            continue
+        if key.startswith("model.lora") and not lora:
             continue
         change = f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}"
         (refused if key in RESUME_FIXED else reported).append(

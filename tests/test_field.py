@@ -342,6 +342,14 @@ def test_resume_changes_table():
         "seed_everything",
         "trainer.devices x trainer.num_nodes",
     ]
+    # LoRA: turning it on or off, or changing what carries adapters, is refused; a default written out is no change
+    plain = {**json.loads(json.dumps(saved)), "model": {"lora": None}}
+    unset = {**json.loads(json.dumps(saved)), "model": {"lora": {"enabled": False, "r": 16}}}
+    assert resume_changes(plain, unset, 2, 2) == ([], [])
+    adapted = {**json.loads(json.dumps(saved)), "model": {"lora": {"enabled": True, "r": 16}}}
+    assert "model.lora.enabled" in [r.split(":")[0] for r in resume_changes(plain, adapted, 2, 2)[0]]
+    wider = {**json.loads(json.dumps(saved)), "model": {"lora": {"enabled": True, "r": 32}}}
+    assert [r.split(":")[0] for r in resume_changes(adapted, wider, 2, 2)[0]] == ["model.lora.r"]
 
 
 # 7. a best-model metric of a dataset without validation rows

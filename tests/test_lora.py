@@ -62,7 +62,7 @@ def test_lora_learns_mnist_far_above_chance(lora_run, demo_data, tmp_path):
     _, run = lora_run
     metrics = evaluate(str(run), str(demo_data / "val.jsonl"), output=str(tmp_path / "m.json"))
     assert Path(metrics["checkpoint"]).name == "checkpoint-125"
-    assert metrics["overall_accuracy"] >= 0.5  # chance: 0.1; measured 0.62 (0.79 after 2 epochs at lr 5e-3)
+    assert metrics["overall_accuracy"] >= 0.5  # chance: 0.1; measured 0.67
 
 
 @pytest.mark.slow

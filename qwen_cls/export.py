@@ -28,7 +28,8 @@ def export(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
 ) -> Path:
     """Rebuild ``hf_model/`` (config, safetensors, processor) from a checkpoint's ``deepspeed/`` shards; for a
-    checkpoint without shards, a copy of its ``hf_model/`` at ``output`` (in ``dtype``).
+    checkpoint without shards, or a LoRA one (whose shards hold only what trained), a copy of its merged
+    ``hf_model/`` at ``output`` (in ``dtype``).
 
     Args:
         checkpoint_path: a ``checkpoint-<step>`` folder whose ``deepspeed/`` holds a DeepSpeed state (or that
@@ -55,9 +56,15 @@ def export(
         )
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if shards:
+    lora = (((info.get("config") or {}).get("model") or {}).get("lora") or {}).get("enabled")
+    if shards and lora and not (checkpoint / HF_DIR).is_dir():
+        raise ConfigError(
+            f"--checkpoint_path: {checkpoint} is a LoRA checkpoint whose hf_model/ (the merged model) is missing; "
+            f"its {STATE_DIR}/ holds only what trained (adapters and head), not the model"
+        )
+    if shards and not lora:
         count = _from_shards(checkpoint, info["config"], DTYPES[dtype], tmp)
-    else:  # no shards (a state not kept, or one device's Lightning state): hf_model/ holds the weights
+    else:  # no shards (a state not kept, one device's Lightning state) or LoRA: hf_model/ holds the model
         model = QwenVLForImageClassification.from_pretrained(checkpoint / HF_DIR, dtype=DTYPES[dtype])
         count = sum(p.numel() for p in model.parameters())
         model.save_pretrained(tmp)

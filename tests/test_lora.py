@@ -17,6 +17,7 @@ from transformers import AutoModelForImageClassification
 
 from qwen_cls.cli import main, run_lightning_cli
 from qwen_cls.evaluation import evaluate
+from qwen_cls.export import export
 from qwen_cls.model import load_classifier
 from qwen_cls.rows import read_rows
 from tests.helpers import REPO, base_config, child_env, losses_by_step, run_log, write_config
@@ -168,6 +169,10 @@ def test_two_process_ddp_and_zero2_equal_one_process(tiny_model, demo_data, tmp_
         assert all(torch.allclose(weights[k], reference[k], atol=5e-5) for k in weights), strategy
         info = json.loads((tmp_path / strategy / "checkpoint-4" / "training_info.json").read_text())
         assert info["world_size"] == 2
+    # export of a LoRA checkpoint whose deepspeed/ holds only adapters and head: a copy of the merged model
+    exported = export(str(tmp_path / strategy / "checkpoint-4"), output=str(tmp_path / "exported"))
+    again = load_file(exported / "model.safetensors")
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
 
 
 @pytest.mark.parametrize(

@@ -310,6 +310,8 @@ def read_rows(
     :data:`SHOWN_ERRORS` by ``file:line`` and counting the rest."""
     files = [Path(f) for f in _as_list(jsonl_files)]
     for file in files:
+        if file.is_dir():
+            raise DataError(f"{file}: a folder; give the JSONL file(s) in it")
         if not file.is_file():
             raise DataError(f"{file}: data file not found")
     names = tuple(dataset_configs)

@@ -60,6 +60,13 @@ def test_thirty_bad_rows_are_one_error_naming_twenty_and_counting_the_rest(demo_
     assert message[-1] == "  ... and 10 more"
 
 
+def test_a_folder_or_a_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path))}: a folder; give the JSONL file"):
+        read_rows(tmp_path, MNIST)
+    with pytest.raises(DataError, match="gone.jsonl: data file not found"):
+        shared_rows(tmp_path / "gone.jsonl", MNIST, "header", tmp_path / "cache")
+
+
 def test_one_bad_row_stays_one_line(demo_data, tmp_path):
     path = relative_rows(demo_data, tmp_path, 10)
     path.write_text(path.read_text() + '{"image_path": "x.png"\n')

@@ -292,7 +292,7 @@ def pool_size(tasks: int) -> int:
 def _mapper(processes: int) -> Iterator[Callable]:
     """``map`` in order, here or in a pool of processes (fork: the children only read files and headers and
     start in milliseconds, where spawn would import torch again in each)."""
-    if processes <= 1:
+    if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():  # no fork: checked here
         yield map
         return
     with multiprocessing.get_context("fork").Pool(processes) as pool:

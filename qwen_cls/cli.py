@@ -237,8 +237,8 @@ class QwenCLI(LightningCLI):
                     recompute=cfg.training.gradient_checkpointing,
                 )
             )
-            if cfg.monitor.plots:
-                callbacks.append(RunPlots(output_dir, cfg.wandb.run_name))
+            if cfg.monitor.plots is not False:
+                callbacks.append(RunPlots(output_dir, cfg.wandb.run_name, cfg.monitor.plots))
         if trainer_config.get("enable_progress_bar") is not False:
             # a live bar in a terminal; in logs (CI, `| tee`) one plain line per logging interval
             tty = sys.stdout.isatty()
@@ -460,6 +460,19 @@ def parse_error(error: Exception) -> ConfigError:
     if choice:
         options = ", ".join(option.strip().strip("'") for option in choice[1].split(","))
         return ConfigError(f"{key}: {choice[2]!r} is not a choice; choose one of {options}")
+    union = re.fullmatch(
+        r"Does not validate against any of the Union subtypes Subtypes: \[(.*?)\] .*Given value: (.*)",
+        problem,
+    )
+    if union:
+        kinds = re.findall(r"<class '(\w+)'>|typing\.Literal\[([^\]]*)\]", union[1])
+        options = [
+            "true, false"
+            if name == "bool"
+            else name or ", ".join(o.strip().strip("'") for o in literal.split(","))
+            for name, literal in kinds
+        ]
+        return ConfigError(f"{key}: {union[2]!r} is not a choice; choose one of {', '.join(options)}")
     expected = re.fullmatch(r"Expected a <class '(\w+)'>\. Got value: (.*)", problem)
     if expected:
         return ConfigError(f"{key}: expected {expected[1]}, got {expected[2]!r}")

@@ -162,13 +162,15 @@ class MonitorConfig:
             optimizer steps, a multiple of ``training.logging_steps``; default: every logging step.
         peak_tflops: the device's dense peak in TFLOP/s that ``perf/mfu`` divides by; default: looked up from
             the GPU's name (dense bf16). Where none is known (CPU, unlisted GPUs) ``perf/mfu`` is not logged.
-        plots: redraw loss, lr, gradient-norm and throughput PNGs in ``output_dir/plots`` at each checkpoint
-            (rank 0, in a low-priority process) and at the end.
+        plots: loss, lr, gradient-norm and throughput PNGs in ``output_dir/plots``. ``true``: redrawn at each
+            checkpoint (rank 0, in a low-priority process) and at the end; ``auto``: the same where the host
+            has a core to spare for the redraw (any GPU run; a CPU-only run with more cores than its compute
+            threads and DataLoader workers use), else drawn at the end only; ``false``: never.
     """
 
     system_every_n_steps: int | None = None
     peak_tflops: float | None = None
-    plots: bool = True
+    plots: bool | Literal["auto"] = "auto"
 
 
 @dataclass

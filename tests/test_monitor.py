@@ -16,6 +16,7 @@ from qwen_cls.cli import run_lightning_cli
 from qwen_cls.data import chat_prompt
 from qwen_cls.flops import forward_flops, peak_for_name, text_flops, vision_flops
 from qwen_cls.model import load_classifier
+from qwen_cls.monitor import redraw_at_checkpoints
 from tests.helpers import base_config, run_log, write_config
 from tests.wandb_history import wandb_history, wandb_step_metrics
 
@@ -177,3 +178,21 @@ def test_train_loss_is_the_mean_over_accumulated_micro_batches(tiny_model, demo_
             float(r["perf/samples_per_second"]) * float(r["perf/step_time"]) for r in rows
         ] == pytest.approx([8.0] * 4, rel=1e-3)
     assert losses[2] == pytest.approx(losses[1], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("setting", "cuda", "cpus", "processes", "threads", "workers", "redraw"),
+    [
+        (True, False, 2, 1, 2, 0, True),  # true: always, whatever it costs
+        (False, True, 64, 8, 1, 4, False),
+        ("auto", True, 16, 8, 1, 1, True),  # a GPU run: compute threads wait on the device
+        ("auto", False, 2, 1, 2, 0, False),  # this machine: both cores compute
+        ("auto", False, 4, 1, 2, 1, True),  # a spare core
+        ("auto", False, 4, 2, 1, 1, False),  # 2 processes x (1 thread + 1 worker) take the 4 cores
+        ("auto", False, 8, 2, 2, 1, True),
+    ],
+)
+def test_plots_auto_redraws_at_checkpoints_only_with_a_core_to_spare(
+    setting, cuda, cpus, processes, threads, workers, redraw
+):
+    assert redraw_at_checkpoints(setting, cuda, cpus, processes, threads, workers) is redraw

@@ -230,6 +230,7 @@ def test_resume_after_sigkill_continues_exactly(tiny_model, demo_data, tmp_path)
     run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "straight.yaml", config))])
 
     config["training"]["output_dir"] = str(tmp_path / "killed")
+    config["monitor"] = {"plots": True}  # redrawn at each checkpoint, also on a machine without a spare core
     killed_cfg = write_config(tmp_path / "killed.yaml", config)
     proc = start_qwen_cls("fit", "--config", str(killed_cfg))
     marker = tmp_path / "killed" / "checkpoint-10" / "training_info.json"
@@ -244,6 +245,13 @@ def test_resume_after_sigkill_continues_exactly(tiny_model, demo_data, tmp_path)
     assert running == "in progress"
     # the metrics log on disk reaches the checkpoint (flushed when it was saved), so the report has curves
     assert set(range(1, 10)) <= set(losses_by_step(tmp_path / "killed"))
+    # and the plots, redrawn from it at checkpoint-10 (by a process of their own, which the kill spared)
+    loss_png = tmp_path / "killed" / "plots" / "loss.png"
+    deadline = time.monotonic() + 120
+    while not loss_png.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with Image.open(loss_png) as png:
+        assert json.loads(png.text["Description"])["points"]["train/loss"] >= 9
     report = write_report(str(tmp_path / "killed")).read_text()
     assert "**Stopped before the end** (killed or crashed) at step 10 of 20" in report
 

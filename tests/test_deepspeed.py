@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
+from qwen_cls.cli import main
 from qwen_cls.errors import ConfigError
 from qwen_cls.modeling import MODEL_INPUTS
 from qwen_cls.strategy import CPUDeepSpeedStrategy, build_strategy, deepspeed_kwargs
@@ -70,8 +73,10 @@ def fit_with_logits(config: dict, path: Path, rows: Path) -> dict:
     return torch.load(path.with_suffix(".pt"), weights_only=True)
 
 
-def killed_and_resumed(config: dict, tmp_path: Path) -> Path:
-    """The same run SIGKILLed (every rank) right after step 4, then resumed with --ckpt_path last."""
+def killed_and_resumed(config: dict, output_dir: Path, tmp_path: Path) -> Path:
+    """The same run into ``output_dir``, SIGKILLed (every rank) right after step 4, then resumed with
+    --ckpt_path last."""
+    config = {**config, "training": {**config["training"], "output_dir": str(output_dir)}}
     killed = json.loads(json.dumps(config))
     killed["trainer"]["callbacks"] = [
         {"class_path": "tests.helpers.SignalAtStep", "init_args": {"step": 4, "group": True}}
@@ -109,15 +114,51 @@ def assert_same_weights(a_dir: Path, b_dir: Path, atol: float) -> None:
     assert worst <= atol, f"weights differ by up to {worst}"
 
 
+def in_process(capsys, *args: str) -> tuple[int, str]:
+    """A tool command (``evaluate``, ``export``) through the CLI's ``main`` in this process: its exit code and
+    stderr. Only the training runs need processes of their own (one per rank)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@dataclass
+class ZeroRun:
+    config: dict
+    path: Path  # its YAML
+    run_dir: Path
+    saved: dict  # a batch and the trained module's logits on it
+
+
+def zero_run(stage: int, tiny_model, demo_data, val_subset, tmp: Path) -> ZeroRun:
+    """One 2-process run per stage, shared by this module's tests: ZeRO-2 in no-evaluation mode, ZeRO-3 in
+    standard mode (evaluation, best model, final evaluation). Each test copies what it changes."""
+    config = ds_config(tiny_model, demo_data, tmp / "run", stage, stage == 3, val_subset)
+    saved = fit_with_logits(config, tmp / "run.yaml", val_subset)
+    return ZeroRun(config, tmp / "run.yaml", tmp / "run", saved)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tiny_model, demo_data, val_subset, tmp_path_factory) -> ZeroRun:
+    return zero_run(2, tiny_model, demo_data, val_subset, tmp_path_factory.mktemp("zero2"))
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_model, demo_data, val_subset, tmp_path_factory) -> ZeroRun:
+    return zero_run(3, tiny_model, demo_data, val_subset, tmp_path_factory.mktemp("zero3"))
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_fit_checkpoints_logits_export_and_resume(stage, tiny_model, demo_data, val_subset, tmp_path):
+def test_zero_fit_checkpoints_logits_export_and_resume(stage, request, val_subset, tmp_path, capsys):
     """ZeRO-2 in no-evaluation mode; ZeRO-3 in standard mode (evaluation, best model, final evaluation)."""
+    zero: ZeroRun = request.getfixturevalue(f"zero{stage}_run")
     standard = stage == 3
-    config = ds_config(tiny_model, demo_data, tmp_path / "run", stage, standard, val_subset)
-    saved = fit_with_logits(config, tmp_path / "run.yaml", val_subset)
-    run_dir = tmp_path / "run"
+    run_dir = zero.run_dir
     assert sorted(p.name for p in run_dir.iterdir() if "checkpoint-" in p.name) == [
         "checkpoint-3",
         "checkpoint-6",
@@ -144,23 +185,20 @@ def test_zero_fit_checkpoints_logits_export_and_resume(stage, tiny_model, demo_d
     weights = load_file(hf_dir / "model.safetensors")
     assert all(t.numel() > 0 for t in weights.values())
     assert sum(t.numel() for t in weights.values()) > 300_000  # the whole model, not one rank's partition
-    assert torch.allclose(hf_logits(hf_dir, saved["batch"]), saved["logits"], atol=1e-5)
+    assert torch.allclose(hf_logits(hf_dir, zero.saved["batch"]), zero.saved["logits"], atol=1e-5)
 
-    out = qwen_cls(
-        "export",
-        "--checkpoint_path",
-        str(run_dir / last),
-        "--output",
-        str(tmp_path / "exp"),
+    code, err = in_process(
+        capsys, "export", "--checkpoint_path", str(run_dir / last), "--output", str(tmp_path / "exp")
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert code == 0, err[-3000:]
     assert_same_weights(hf_dir, tmp_path / "exp", atol=0.0)
 
     if standard:
         final = json.loads((run_dir / "eval_final.json").read_text())
         best = json.loads((run_dir / "best_checkpoint.json").read_text())
         assert final["weights"] == best["checkpoint"]
-        out = qwen_cls(
+        code, err = in_process(
+            capsys,
             "evaluate",
             "--checkpoint_path",
             str(run_dir / best["checkpoint"]),
@@ -169,19 +207,18 @@ def test_zero_fit_checkpoints_logits_export_and_resume(stage, tiny_model, demo_d
             "--output",
             str(tmp_path / "eval.json"),
         )
-        assert out.returncode == 0, out.stderr[-3000:]
+        assert code == 0, err[-3000:]
         evaluated = json.loads((tmp_path / "eval.json").read_text())
         for key in ("overall_loss", "overall_accuracy", "overall_top5_accuracy"):
             assert evaluated[key] == pytest.approx(final[key], abs=1e-4), key
 
-    reference = run_dir.rename(tmp_path / "reference")
-    resumed = killed_and_resumed(config, tmp_path)
+    resumed = killed_and_resumed(zero.config, tmp_path / "resumed", tmp_path)
     assert sorted(p.name for p in resumed.iterdir() if "checkpoint-" in p.name) == [
         "checkpoint-3",
         "checkpoint-6",
     ]
     assert_same_weights(
-        reference / "checkpoint-6" / "hf_model", resumed / "checkpoint-6" / "hf_model", atol=1e-5
+        run_dir / "checkpoint-6" / "hf_model", resumed / "checkpoint-6" / "hf_model", atol=1e-5
     )
 
 
@@ -216,27 +253,22 @@ def test_zero_on_a_gpu_in_bf16(stage, tiny_model, demo_data, val_subset, tmp_pat
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_weights(hf_dir, tmp_path / "exp", atol=0.0)  # bf16 of the fp32 masters is the module's copy
-    reference = run_dir.rename(tmp_path / "reference")
-    resumed = killed_and_resumed(config, tmp_path)
+    resumed = killed_and_resumed(config, tmp_path / "resumed", tmp_path)
     assert_same_weights(
-        reference / "checkpoint-6" / "hf_model", resumed / "checkpoint-6" / "hf_model", atol=1e-3
+        run_dir / "checkpoint-6" / "hf_model", resumed / "checkpoint-6" / "hf_model", atol=1e-3
     )
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_validate_a_zero3_checkpoint(tiny_model, demo_data, val_subset, tmp_path):
+def test_validate_a_zero3_checkpoint(zero3_run, val_subset, tmp_path, capsys):
     """`qwen-cls validate --ckpt_path checkpoint-N` under ZeRO-3, where DeepSpeed's own loader fails
     (deepspeedai/DeepSpeed#7272): the numbers equal `evaluate` of the same checkpoint's hf_model/."""
-    config = ds_config(tiny_model, demo_data, tmp_path / "run", 3)
-    config["training"]["max_steps"] = EVERY
-    path = write_config(tmp_path / "run.yaml", config)
-    assert qwen_cls("fit", "--config", str(path)).returncode == 0
-    checkpoint = tmp_path / "run" / "checkpoint-3"
+    checkpoint = zero3_run.run_dir / "checkpoint-3"
     out = qwen_cls(
         "validate",
         "--config",
-        str(path),
+        str(zero3_run.path),
         "--data.val_jsonl",
         str(val_subset),
         "--ckpt_path",
@@ -244,7 +276,8 @@ def test_validate_a_zero3_checkpoint(tiny_model, demo_data, val_subset, tmp_path
     )
     assert out.returncode == 0, out.stderr[-3000:]
     validated = float(re.search(r"eval/overall_loss\s*│\s*([0-9.]+)", out.stdout).group(1))
-    out = qwen_cls(
+    code, err = in_process(
+        capsys,
         "evaluate",
         "--checkpoint_path",
         str(checkpoint),
@@ -253,34 +286,32 @@ def test_validate_a_zero3_checkpoint(tiny_model, demo_data, val_subset, tmp_path
         "--output",
         str(tmp_path / "e.json"),
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert code == 0, err[-3000:]
     assert validated == pytest.approx(json.loads((tmp_path / "e.json").read_text())["overall_loss"], abs=1e-4)
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(
-    tiny_model, demo_data, val_subset, tmp_path
-):
-    config = ds_config(tiny_model, demo_data, tmp_path / "run", 2)
-    config["training"]["max_steps"] = EVERY
-    assert qwen_cls("fit", "--config", str(write_config(tmp_path / "c.yaml", config))).returncode == 0
-    checkpoint = tmp_path / "run" / "checkpoint-3"
+def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(zero2_run, val_subset, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(zero2_run.run_dir / "checkpoint-3", checkpoint)
     original = load_file(checkpoint / "hf_model" / "model.safetensors")
-    (checkpoint / "hf_model").rename(tmp_path / "hf_model.bak")
-    out = qwen_cls("evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset))
-    assert out.returncode == 2
-    assert out.stderr.strip() == (
+    shutil.rmtree(checkpoint / "hf_model")
+    code, err = in_process(
+        capsys, "evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)
+    )
+    assert code == 2
+    assert err.strip() == (
         f"qwen-cls: error: --checkpoint_path: {checkpoint} has no hf_model/, only DeepSpeed shards in deepspeed/; "
         f"rebuild it with: qwen-cls export --checkpoint_path {checkpoint}"
     )
-    assert qwen_cls("export", "--checkpoint_path", str(checkpoint)).returncode == 0
+    assert in_process(capsys, "export", "--checkpoint_path", str(checkpoint))[0] == 0
     rebuilt = load_file(checkpoint / "hf_model" / "model.safetensors")
     assert rebuilt.keys() == original.keys() and all(torch.equal(rebuilt[k], original[k]) for k in original)
-    assert (
-        qwen_cls("evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)).returncode
-        == 0
+    code, err = in_process(
+        capsys, "evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)
     )
+    assert code == 0, err[-3000:]
 
 
 @pytest.mark.parametrize(

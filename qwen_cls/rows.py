@@ -403,7 +403,8 @@ class RowCache:
             meta = json.loads(arrays.pop("meta").tobytes())
             if meta["key"] != self.key:
                 raise ValueError("written for other files")
-            rows = RowIndex(**arrays, files=meta["files"])
+            # the files as named now: relative image paths follow the JSONL, whatever folder the cache was written from
+            rows = RowIndex(**arrays, files=[str(f) for f in _as_list(self.jsonl_files)])
             n = len(rows.labels)
             if not (
                 len(rows.dataset_idx) == len(rows.file_idx) == len(rows.lines) == n

@@ -153,6 +153,27 @@ def test_the_cache_serves_unchanged_files_and_rebuilds_on_any_change(demo_data, 
     assert rows()[1] == 0  # and written whole again
 
 
+def test_cached_rows_follow_the_jsonl_as_named_now(demo_data, tmp_path, monkeypatch, count_checks):
+    """A cache written for ``data/train.jsonl`` from one folder serves the same file named ``../data/train.jsonl``
+    from another: relative image paths resolve against the JSONL, not the folder the cache was written from."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(demo_data / "images")
+    (data / "train.jsonl").write_text(
+        "\n".join((demo_data / "train.jsonl").read_text().splitlines()[:50]) + "\n"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    first = shared_rows("data/train.jsonl", MNIST, "header", tmp_path / "cache")
+    assert len(count_checks) == 50
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = shared_rows("../data/train.jsonl", MNIST, "header", tmp_path / "cache")
+    assert len(count_checks) == 50  # served from the cache
+    assert again.digest() == first.digest()
+    assert all(row.image_path.is_file() for row in again)
+    assert again[0].source == "../data/train.jsonl:1"
+
+
 def test_an_unwritable_cache_folder_only_costs_the_cache(demo_data, tmp_path, capsys):
     path = relative_rows(demo_data, tmp_path, 5)
     blocker = tmp_path / "file"

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO := outputs
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-peer clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,13 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check qwen_cls tests bench
 	$(VENV)/bin/ruff format --check qwen_cls tests bench
+
+# ms-swift (the peer in bench/overhead.py) pins older transformers and peft: its own environment, torch first
+SWIFT_VENV := .venv-swift
+bench-peer:
+	test -x $(SWIFT_VENV)/bin/python || python3 -m venv $(SWIFT_VENV)
+	$(SWIFT_VENV)/bin/python -c "import torch, torchvision" 2>/dev/null || $(SWIFT_VENV)/bin/pip install -q $(TORCH_PINS)
+	$(SWIFT_VENV)/bin/pip install -q ms-swift==4.6.0 "qwen_vl_utils>=0.0.6"  # its Qwen-VL template needs it
 
 bench: setup
 	$(PY) bench/overhead.py

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import qwen_cls
 from qwen_cls.cli import main
 from qwen_cls.errors import ConfigError
-from tests.helpers import REPO, base_config, write_config
+from tests.helpers import base_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +29,25 @@ def api_run(tiny_model, demo_data, tmp_path_factory):
     return tmp, config, result
 
 
-def qwen_cls_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen_cls", *args], cwd=REPO, capture_output=True, text=True)
+def qwen_cls_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``qwen-cls ARGS`` through ``main`` (what the console script calls), in this process: exit code, stdout,
+    stderr."""
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_fit_api_and_cli_write_the_same_run(api_run):
+def test_fit_api_and_cli_write_the_same_run(api_run, capsys):
     tmp, config, (model, run_dir) = api_run
     assert isinstance(model, qwen_cls.QwenClassifier) and run_dir == tmp / "api"
     config["training"].update(max_steps=8, save_steps=4, output_dir=str(tmp / "cli"))
-    out = qwen_cls_cli("fit", "--config", str(write_config(tmp / "cli.yaml", config)))
-    assert out.returncode == 0, out.stderr[-2000:]
+    code, _, err = qwen_cls_cli(capsys, "fit", "--config", str(write_config(tmp / "cli.yaml", config)))
+    assert code == 0, err[-2000:]
     names = [p.name for p in qwen_cls.FitResult(model, run_dir).checkpoints]
     assert (
         names
@@ -63,14 +72,14 @@ def test_fit_api_raises_instead_of_exiting(tiny_model, demo_data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_evaluate_api_matches_the_cli_and_evaluate_all(api_run, val_subset, tmp_path):
+def test_evaluate_api_matches_the_cli_and_evaluate_all(api_run, val_subset, tmp_path, capsys):
     _, _, (_, run_dir) = api_run
     metrics = qwen_cls.evaluate(run_dir / "checkpoint-8", val_subset)
-    out = qwen_cls_cli(
-        "evaluate", "--checkpoint_path", str(run_dir / "checkpoint-8"), "--eval_data", str(val_subset),
+    code, _, err = qwen_cls_cli(
+        capsys, "evaluate", "--checkpoint_path", str(run_dir / "checkpoint-8"), "--eval_data", str(val_subset),
         "--output", str(tmp_path / "m.json"),
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert code == 0, err[-2000:]
     cli = json.loads((tmp_path / "m.json").read_text())
     assert metrics["overall_samples"] == cli["overall_samples"] == 200
     assert metrics["overall_accuracy"] == pytest.approx(cli["overall_accuracy"], abs=1e-6)
@@ -110,12 +119,14 @@ def test_predict_command_takes_an_image_a_folder_or_jsonl_and_reports_unreadable
     rows = [{"image_path": f"images/{n}", "label": 0} for n in ("00001.png", "broken.png")]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    out = qwen_cls_cli("predict", "--checkpoint_path", str(run_dir), "--inputs", str(images), "--top_k", "2")
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    code, out, err = qwen_cls_cli(
+        capsys, "predict", "--checkpoint_path", str(run_dir), "--inputs", str(images), "--top_k", "2"
+    )
+    assert code == 0, err[-2000:]
+    lines = [json.loads(line) for line in out.splitlines()]
     assert [Path(line["input"]).name for line in lines] == ["00001.png", "00200.png", "broken.png"]
     assert [len(line.get("labels", [])) for line in lines] == [2, 2, 0]
-    assert "cannot read image" in lines[2]["error"] and "broken.png" in out.stderr
+    assert "cannot read image" in lines[2]["error"] and "broken.png" in err
 
     main(["predict", "--checkpoint_path", str(run_dir / "checkpoint-4"), "--inputs", str(tmp_path / "in.jsonl"),
           "--output", str(tmp_path / "preds.jsonl")])  # fmt: skip

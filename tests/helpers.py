@@ -81,6 +81,21 @@ def losses_by_step(run: Path) -> dict[int, float]:
     return losses
 
 
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """`qwen-cls ARGS` through ``main`` (what the console script calls) in this process: exit code, stdout,
+    stderr. A process of its own is for runs with several ranks and for the process itself under test."""
+    from qwen_cls.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def start_qwen_cls(*args: str) -> subprocess.Popen:
     """`qwen-cls ARGS` as a separate, silent process (for runs a test watches or kills)."""
     return subprocess.Popen(

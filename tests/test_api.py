@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 import qwen_cls
 from qwen_cls.cli import main
 from qwen_cls.errors import ConfigError
-from tests.helpers import base_config, write_config
+from tests.helpers import base_config, run_main, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -29,24 +27,11 @@ def api_run(tiny_model, demo_data, tmp_path_factory):
     return tmp, config, result
 
 
-def qwen_cls_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """``qwen-cls ARGS`` through ``main`` (what the console script calls), in this process: exit code, stdout,
-    stderr."""
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_fit_api_and_cli_write_the_same_run(api_run, capsys):
     tmp, config, (model, run_dir) = api_run
     assert isinstance(model, qwen_cls.QwenClassifier) and run_dir == tmp / "api"
     config["training"].update(max_steps=8, save_steps=4, output_dir=str(tmp / "cli"))
-    code, _, err = qwen_cls_cli(capsys, "fit", "--config", str(write_config(tmp / "cli.yaml", config)))
+    code, _, err = run_main(capsys, "fit", "--config", str(write_config(tmp / "cli.yaml", config)))
     assert code == 0, err[-2000:]
     names = [p.name for p in qwen_cls.FitResult(model, run_dir).checkpoints]
     assert (
@@ -75,7 +60,7 @@ def test_fit_api_raises_instead_of_exiting(tiny_model, demo_data, tmp_path):
 def test_evaluate_api_matches_the_cli_and_evaluate_all(api_run, val_subset, tmp_path, capsys):
     _, _, (_, run_dir) = api_run
     metrics = qwen_cls.evaluate(run_dir / "checkpoint-8", val_subset)
-    code, _, err = qwen_cls_cli(
+    code, _, err = run_main(
         capsys, "evaluate", "--checkpoint_path", str(run_dir / "checkpoint-8"), "--eval_data", str(val_subset),
         "--output", str(tmp_path / "m.json"),
     )  # fmt: skip
@@ -119,7 +104,7 @@ def test_predict_command_takes_an_image_a_folder_or_jsonl_and_reports_unreadable
     rows = [{"image_path": f"images/{n}", "label": 0} for n in ("00001.png", "broken.png")]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    code, out, err = qwen_cls_cli(
+    code, out, err = run_main(
         capsys, "predict", "--checkpoint_path", str(run_dir), "--inputs", str(images), "--top_k", "2"
     )
     assert code == 0, err[-2000:]
@@ -136,19 +121,3 @@ def test_predict_command_takes_an_image_a_folder_or_jsonl_and_reports_unreadable
     capsys.readouterr()
     main(["predict", "--checkpoint_path", str(run_dir), "--inputs", str(images / "00001.png")])
     assert len(capsys.readouterr().out.splitlines()) == 1  # the JSON line alone: messages go to stderr
-
-
-def test_import_qwen_cls_registers_the_auto_classes(api_run):
-    _, _, (_, run_dir) = api_run
-    code = (
-        "import sys, qwen_cls\n"
-        "from transformers import AutoModelForImageClassification as Auto\n"
-        "model = Auto.from_pretrained(sys.argv[1])\n"
-        "print(type(model).__name__, model.config.num_labels)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(run_dir / "checkpoint-8" / "hf_model")],
-        capture_output=True,
-        text=True,
-    )
-    assert out.stdout.split() == ["QwenVLForImageClassification", "10"], out.stderr[-2000:]

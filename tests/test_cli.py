@@ -15,24 +15,13 @@ from qwen_cls.cli import QwenCLI, main
 from qwen_cls.data import QwenDataModule
 from qwen_cls.model import QwenClassifier
 from qwen_cls.strategy import deepspeed_kwargs
-from tests.helpers import REPO, base_config, write_config
+from tests.helpers import REPO, base_config, run_main, write_config
 
 
 def qwen_cls(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "qwen_cls", *args], cwd=cwd, capture_output=True, text=True, timeout=300
     )
-
-
-def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    """``qwen-cls ARGS`` in this process: exit code, stdout, stderr."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_help_lists_every_command(capsys):

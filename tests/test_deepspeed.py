@@ -17,11 +17,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
-from qwen_cls.cli import main
 from qwen_cls.errors import ConfigError
 from qwen_cls.modeling import MODEL_INPUTS
 from qwen_cls.strategy import CPUDeepSpeedStrategy, build_strategy, deepspeed_kwargs
-from tests.helpers import REPO, base_config, child_env, write_config
+from tests.helpers import REPO, base_config, child_env, run_main, write_config
 
 STEPS, EVERY = 6, 3
 
@@ -114,17 +113,6 @@ def assert_same_weights(a_dir: Path, b_dir: Path, atol: float) -> None:
     assert worst <= atol, f"weights differ by up to {worst}"
 
 
-def in_process(capsys, *args: str) -> tuple[int, str]:
-    """A tool command (``evaluate``, ``export``) through the CLI's ``main`` in this process: its exit code and
-    stderr. Only the training runs need processes of their own (one per rank)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 @dataclass
 class ZeroRun:
     config: dict
@@ -187,7 +175,7 @@ def test_zero_fit_checkpoints_logits_export_and_resume(stage, request, val_subse
     assert sum(t.numel() for t in weights.values()) > 300_000  # the whole model, not one rank's partition
     assert torch.allclose(hf_logits(hf_dir, zero.saved["batch"]), zero.saved["logits"], atol=1e-5)
 
-    code, err = in_process(
+    code, _, err = run_main(
         capsys, "export", "--checkpoint_path", str(run_dir / last), "--output", str(tmp_path / "exp")
     )
     assert code == 0, err[-3000:]
@@ -197,7 +185,7 @@ def test_zero_fit_checkpoints_logits_export_and_resume(stage, request, val_subse
         final = json.loads((run_dir / "eval_final.json").read_text())
         best = json.loads((run_dir / "best_checkpoint.json").read_text())
         assert final["weights"] == best["checkpoint"]
-        code, err = in_process(
+        code, _, err = run_main(
             capsys,
             "evaluate",
             "--checkpoint_path",
@@ -276,7 +264,7 @@ def test_validate_a_zero3_checkpoint(zero3_run, val_subset, tmp_path, capsys):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     validated = float(re.search(r"eval/overall_loss\s*│\s*([0-9.]+)", out.stdout).group(1))
-    code, err = in_process(
+    code, _, err = run_main(
         capsys,
         "evaluate",
         "--checkpoint_path",
@@ -297,7 +285,7 @@ def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(zero2_run, 
     shutil.copytree(zero2_run.run_dir / "checkpoint-3", checkpoint)
     original = load_file(checkpoint / "hf_model" / "model.safetensors")
     shutil.rmtree(checkpoint / "hf_model")
-    code, err = in_process(
+    code, _, err = run_main(
         capsys, "evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)
     )
     assert code == 2
@@ -305,10 +293,10 @@ def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(zero2_run, 
         f"qwen-cls: error: --checkpoint_path: {checkpoint} has no hf_model/, only DeepSpeed shards in deepspeed/; "
         f"rebuild it with: qwen-cls export --checkpoint_path {checkpoint}"
     )
-    assert in_process(capsys, "export", "--checkpoint_path", str(checkpoint))[0] == 0
+    assert run_main(capsys, "export", "--checkpoint_path", str(checkpoint))[0] == 0
     rebuilt = load_file(checkpoint / "hf_model" / "model.safetensors")
     assert rebuilt.keys() == original.keys() and all(torch.equal(rebuilt[k], original[k]) for k in original)
-    code, err = in_process(
+    code, _, err = run_main(
         capsys, "evaluate", "--checkpoint_path", str(checkpoint), "--eval_data", str(val_subset)
     )
     assert code == 0, err[-3000:]

@@ -40,7 +40,8 @@ SWIFT_VENV := .venv-swift
 bench-peer:
 	test -x $(SWIFT_VENV)/bin/python || python3 -m venv $(SWIFT_VENV)
 	$(SWIFT_VENV)/bin/python -c "import torch, torchvision" 2>/dev/null || $(SWIFT_VENV)/bin/pip install -q $(TORCH_PINS)
-	$(SWIFT_VENV)/bin/pip install -q ms-swift==4.6.0 "qwen_vl_utils>=0.0.6"  # its Qwen-VL template needs it
+	# its Qwen-VL template needs qwen_vl_utils; deepspeed as in ours (transformers' save imports it where installed)
+	$(SWIFT_VENV)/bin/pip install -q ms-swift==4.6.0 "qwen_vl_utils>=0.0.6" deepspeed==0.19.8
 
 bench: setup
 	$(PY) bench/overhead.py

@@ -5,7 +5,9 @@ learning rate and schedule, gradient clipping, every weight trained in fp32, che
 
 ms-swift pins older transformers and peft than qwen-cls (``ms-swift 4.6.0``: ``transformers<5.20``,
 ``peft<0.21``), so it lives in its own environment: ``make bench-peer`` builds ``.venv-swift`` (torch pins
-first, as ours). Without it the comparison is skipped and the results say so.
+first, as ours; DeepSpeed installed in both, as on a multi-GPU machine: transformers' ``save_pretrained``
+imports it where it is installed, ~2 s at the first save of either). Without it the comparison is skipped and
+the results say so.
 """
 
 from __future__ import annotations

@@ -35,12 +35,12 @@ lint: setup
 	$(VENV)/bin/ruff check qwen_cls tests bench
 	$(VENV)/bin/ruff format --check qwen_cls tests bench
 
-# ms-swift (the peer in bench/overhead.py) pins older transformers and peft: its own environment, torch first
+# ms-swift (the peer in bench/overhead.py) pins older transformers and peft: its own environment, torch first;
+# its Qwen-VL template needs qwen_vl_utils; DeepSpeed as in ours (transformers' save imports it where installed)
 SWIFT_VENV := .venv-swift
 bench-peer:
 	test -x $(SWIFT_VENV)/bin/python || python3 -m venv $(SWIFT_VENV)
 	$(SWIFT_VENV)/bin/python -c "import torch, torchvision" 2>/dev/null || $(SWIFT_VENV)/bin/pip install -q $(TORCH_PINS)
-	# its Qwen-VL template needs qwen_vl_utils; deepspeed as in ours (transformers' save imports it where installed)
 	$(SWIFT_VENV)/bin/pip install -q ms-swift==4.6.0 "qwen_vl_utils>=0.0.6" deepspeed==0.19.8
 
 bench: setup

@@ -20,7 +20,7 @@ SWIFT_ENV = Path(".venv-swift")
 
 
 def swift_command() -> list[str] | None:
-    """``swift`` of ``.venv-swift`` (or ``$QWEN_CLS_SWIFT``), when it runs."""
+    """``swift`` of ``.venv-swift`` (or ``$QWEN_CLS_SWIFT``), when it exists."""
     swift = Path(os.environ.get("QWEN_CLS_SWIFT", SWIFT_ENV / "bin" / "swift"))
     return [str(swift.resolve())] if swift.exists() else None
 

@@ -275,7 +275,8 @@ class RunPlots(Callback):
         if self.setting == "auto" and not self.at_checkpoints:
             say(
                 f"plots: drawn at the end only (monitor.plots: auto; training's {torch.get_num_threads()} compute "
-                f"threads and {workers} DataLoader workers take the {cpus} cores; true redraws at each checkpoint)"
+                f"threads and {workers} DataLoader worker{'s' * (workers != 1)} take the {cpus} cores; true redraws at each "
+                "checkpoint)"
             )
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:

@@ -297,6 +297,49 @@ def restore_set_aside(output_dir: str | Path) -> list[Path]:
     return restored
 
 
+# What a run leaves in its output_dir besides its checkpoint folders, written by: evaluate-all (eval_all.*,
+# best_checkpoint.json), the final evaluation (eval_final.json), report, RunPlots (plots/) and the CSV logger
+# (logs/). An overwritten run takes all of them along. Not wandb/: each W&B run is a folder of its own there,
+# read by no tool as another run's, and an offline one may not have been uploaded yet.
+RUN_RECORDS = ("eval_all.csv", "eval_all.png", BEST_FILE, "eval_final.json", "report.md", "plots", "logs")
+OVERWRITTEN_PREFIX = ".qwen-cls-overwritten-"
+
+
+def remove_previous_run(output_dir: str | Path) -> list[str]:
+    """Everything of an earlier run in ``output_dir`` (checkpoints, leftovers of saves, :data:`RUN_RECORDS`),
+    so that the tools never read its numbers as the new run's. Each entry is first renamed into one hidden
+    folder, which is then deleted: a kill midway leaves the old run set aside there (deleted at the next
+    start), never mixed with the new one. Returns what went, for the user."""
+    output_dir = Path(output_dir)
+    checkpoints = sorted(
+        (p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None),
+        key=checkpoint_step,
+    )
+    leftovers = [*output_dir.glob(f".{CHECKPOINT_PREFIX}*")]
+    records = [output_dir / name for name in RUN_RECORDS if (output_dir / name).exists()]
+    if not (checkpoints or leftovers or records):
+        return []
+    named = [p.name + ("/" if p.is_dir() else "") for p in records]
+    aside = output_dir / f"{OVERWRITTEN_PREFIX}{uuid.uuid4().hex[:8]}"
+    aside.mkdir()
+    for path in [*checkpoints, *leftovers, *records]:
+        os.replace(path, aside / path.name)
+    shutil.rmtree(aside)
+    went = []
+    if checkpoints:
+        span = checkpoints[0].name + (f"..{checkpoints[-1].name}" if len(checkpoints) > 1 else "")
+        went.append(f"{len(checkpoints)} checkpoint{'s' * (len(checkpoints) > 1)} ({span})")
+    if leftovers:
+        went.append(f"{len(leftovers)} unfinished save{'s' * (len(leftovers) > 1)}")
+    return went + named
+
+
+def drop_overwritten(output_dir: str | Path) -> None:
+    """Delete what a kill left of :func:`remove_previous_run`: an old run set aside, never to be read."""
+    for aside in Path(output_dir).glob(f"{OVERWRITTEN_PREFIX}*"):
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def resume_state_path(checkpoint: str | Path, deepspeed: bool) -> str:
     """What ``Trainer.fit(ckpt_path=...)`` needs for a checkpoint folder: DeepSpeed's directory, or the file."""
     state = Path(checkpoint) / STATE_DIR
@@ -369,6 +412,7 @@ class QwenCheckpoint(ModelCheckpoint):
         dirpath: str,
         run_info: dict[str, Any] | None = None,
         keep_best_only: bool = False,
+        keep_all: bool = False,
         keep_last_n: int | None = None,
         keep_state_last_n: int | None = None,
         save_dtype: SaveDtype = "auto",
@@ -388,7 +432,10 @@ class QwenCheckpoint(ModelCheckpoint):
         )
         self.run_info = run_info or {}
         self.keep_best_only = keep_best_only
-        self.keep_last_n = keep_last_n
+        self.keep_all = (
+            keep_all  # every folder kept (save_all_checkpoints, skip_evaluation): keep_last_n is off
+        )
+        self.keep_last_n = None if keep_all else keep_last_n
         self.keep_state_last_n = keep_state_last_n
         for key, value in (("keep_last_n", keep_last_n), ("keep_state_last_n", keep_state_last_n)):
             if value is not None and value < 1:
@@ -668,8 +715,9 @@ class QwenCheckpoint(ModelCheckpoint):
                 f"set training.keep_state_last_n: 1 (hf_model/ of every checkpoint, the resumable state of the "
                 f"newest only: {_gib(one)}, {_gib(need - one)} less)"
             )
-        fits = max(1, int(free // ((hf + state) * 1.05)) - 1)
-        remedies.append(f"set training.keep_last_n (e.g. {fits}) to keep fewer checkpoints")
+        if not self.keep_all:  # every checkpoint is kept by contract in the other case
+            fits = max(1, int(free // ((hf + state) * 1.05)) - 1)
+            remedies.append(f"set training.keep_last_n (e.g. {fits}) to keep fewer checkpoints")
         message = (
             f"training.disk_check: this run will keep {kept} checkpoints (hf_model/ ~{_gib(hf)} each, {states} "
             f"resumable states of ~{_gib(state)}): {_gib(need)} in {self.dirpath}, but only {_gib(free)} is free; "

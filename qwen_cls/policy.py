@@ -44,7 +44,8 @@ class Override:
 @dataclass(frozen=True)
 class Resolution:
     """``config``: the resolved copy; ``trainer``: Lightning Trainer kwargs; ``checkpoint``: QwenCheckpoint
-    kwargs (``keep_best_only``: keep the best checkpoint plus the latest, delete the rest); ``overrides``:
+    kwargs (``keep_best_only``: keep the best checkpoint plus the latest, delete the rest; ``keep_all``: every
+    checkpoint folder is kept, so only ``keep_state_last_n`` can save disk); ``overrides``:
     every value that was changed, in a stable order."""
 
     config: dict
@@ -54,6 +55,8 @@ class Resolution:
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "null"
     return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
@@ -95,12 +98,13 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
         reason = "training.skip_evaluation=true"
         for key, value in SKIP_EVALUATION_FORCES.items():
             force(key, value, reason)
+        force("training.keep_last_n", None, reason)  # "every checkpoint kept": retention is the resolver's
         for key, value in SKIP_EVALUATION_TRAINER.items():
             was = user_trainer.get(key)
             if was is not None and was != value:
                 overrides.append(Override(f"trainer.{key}", was, value, reason))
         trainer = {**SKIP_EVALUATION_TRAINER, "val_check_interval": None}
-        checkpoint = {"monitor": None, "save_top_k": -1, "every_n_train_steps": save_steps}
+        checkpoint = {"monitor": None, "save_top_k": -1, "every_n_train_steps": save_steps, "keep_all": True}
         return Resolution(cfg, trainer, checkpoint, overrides)
 
     partial = bool(_get(cfg, "evaluation.partial_eval_during_training"))
@@ -108,8 +112,11 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
         force("best_model_tracking.enabled", False, "evaluation.partial_eval_during_training=false")
     if _get(cfg, "evaluation.eval_best_model_only") and not _get(cfg, "best_model_tracking.enabled"):
         force("evaluation.eval_best_model_only", False, "best_model_tracking.enabled=false")
-    if training.get("save_all_checkpoints") and _get(cfg, "best_model_tracking.save_best_only"):
-        force("best_model_tracking.save_best_only", False, "training.save_all_checkpoints=true")
+    keep_all = bool(training.get("save_all_checkpoints"))
+    if keep_all:
+        if _get(cfg, "best_model_tracking.save_best_only"):
+            force("best_model_tracking.save_best_only", False, "training.save_all_checkpoints=true")
+        force("training.keep_last_n", None, "training.save_all_checkpoints=true")
 
     if partial:
         accumulate = int(user_trainer.get("accumulate_grad_batches") or 1)
@@ -122,7 +129,12 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
     else:
         trainer = {"limit_val_batches": 0, "num_sanity_val_steps": 0, "val_check_interval": None}
 
-    checkpoint: dict[str, Any] = {"monitor": None, "save_top_k": -1, "every_n_train_steps": save_steps}
+    checkpoint: dict[str, Any] = {
+        "monitor": None,
+        "save_top_k": -1,
+        "every_n_train_steps": save_steps,
+        "keep_all": keep_all,
+    }
     if _get(cfg, "best_model_tracking.enabled"):
         metric, mode = _get(cfg, "best_model_tracking.metric"), _get(cfg, "best_model_tracking.mode")
         valid = best_metric_names(cfg.get("datasets", {}).get("dataset_configs") or {})
@@ -173,7 +185,6 @@ RESUME_FIXED = {
     "data.batch_size": "which rows each step trains on",
     "trainer.accumulate_grad_batches": "which rows each optimizer step trains on",
     "seed_everything": "the shuffled data order",
-    "data.train_jsonl": "the training rows",
     "model.num_labels": "the head's shape",
     "loss.type": "the head (arcface trains a cosine head)",
     "datasets.dataset_configs": "the labels and the logits masking",

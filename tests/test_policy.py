@@ -42,7 +42,7 @@ def test_skip_evaluation_forces_the_six_keys_whatever_the_yaml_says(
         assert value(res.config, key) is forced, key
     assert res.trainer["limit_val_batches"] == 0
     assert res.trainer["num_sanity_val_steps"] == 0
-    assert res.checkpoint == {"monitor": None, "save_top_k": -1, "every_n_train_steps": 6}
+    assert res.checkpoint == {"monitor": None, "save_top_k": -1, "every_n_train_steps": 6, "keep_all": True}
     # exactly the keys whose value changed are reported, each once
     changed = {k for k, forced in SKIP_EVALUATION_FORCES.items() if k != "training.save_all_checkpoints"}
     changed = changed if value_of_every_eval_key else set()
@@ -76,6 +76,7 @@ def test_standard_mode_keeps_evaluation_settings(save_all, key):
     # save_all_checkpoints keeps every checkpoint even with save_best_only; otherwise only the best (+ latest)
     assert res.checkpoint["save_top_k"] == -1
     assert res.checkpoint["keep_best_only"] is (not save_all)
+    assert res.checkpoint["keep_all"] is save_all
     assert res.checkpoint["mode"] == "max"
     kept = not (save_all and key == "best_model_tracking.save_best_only")
     assert value(res.config, key) is kept
@@ -117,6 +118,30 @@ def test_standard_mode_one_key_off(key, switched_off, effect):
     assert all(value(res.config, k) is False for k in switched_off)
     seen = {**res.trainer, **res.checkpoint}
     assert {k: seen.get(k) for k in effect} == effect
+
+
+# training.keep_last_n against the modes: every checkpoint is kept wherever the config promises all of them
+KEEP_LAST_N = [
+    # skip_evaluation, save_all_checkpoints, kept keep_last_n, the reason reported (None: no override)
+    (True, False, None, "training.skip_evaluation=true"),
+    (True, True, None, "training.skip_evaluation=true"),
+    (False, True, None, "training.save_all_checkpoints=true"),
+    (False, False, 2, None),
+]
+
+
+@pytest.mark.parametrize("skip,save_all,kept,reason", KEEP_LAST_N)
+def test_keep_last_n_gives_way_to_every_checkpoint_kept(skip, save_all, kept, reason):
+    cfg = make(skip, save_all, False)
+    cfg["training"]["keep_last_n"] = 2
+    res = resolve(cfg)
+    assert res.config["training"]["keep_last_n"] == kept
+    assert res.checkpoint["keep_all"] is (kept is None)
+    overrides = {o.key: str(o) for o in res.overrides}
+    if reason is None:
+        assert "training.keep_last_n" not in overrides
+    else:
+        assert overrides["training.keep_last_n"] == f"{reason} overrides training.keep_last_n: 2 -> null"
 
 
 def test_standard_mode_without_partial_eval_does_not_validate_during_fit():

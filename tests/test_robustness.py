@@ -162,7 +162,7 @@ def fake_free_space(monkeypatch, free: int) -> None:
     monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: usage._replace(free=free))
 
 
-def test_disk_preflight_stops_before_step_1_and_suggests_keep_last_n(
+def test_disk_preflight_stops_before_step_1_and_suggests_keep_state_last_n(
     tiny_model, demo_data, tmp_path, capsys, monkeypatch
 ):
     fake_free_space(monkeypatch, 12 * 2**20)  # 12 MiB; one tiny checkpoint is ~5 MiB, this run keeps 3
@@ -170,10 +170,11 @@ def test_disk_preflight_stops_before_step_1_and_suggests_keep_last_n(
     code, line = fit_cli(tmp_path, config, capsys=capsys)
     assert code == 2
     assert "training.disk_check: this run will keep 3 checkpoints" in line and "3 resumable states" in line
-    assert "set training.keep_state_last_n: 1" in line and "training.keep_last_n (e.g. 1)" in line
+    assert "set training.keep_state_last_n: 1" in line
+    assert "keep_last_n" not in line.replace("keep_state_last_n", "")  # no-evaluation mode keeps every folder
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
-    config["training"]["keep_state_last_n"] = 1  # the first remedy: every hf_model/, one state
+    config["training"]["keep_state_last_n"] = 1  # the remedy: every hf_model/, one state
     assert fit_cli(tmp_path, config, capsys=capsys)[0] == 0
     kept = list_checkpoints(tmp_path / "run")
     assert [(p.name, has_state(p)) for p in kept] == [
@@ -182,10 +183,15 @@ def test_disk_preflight_stops_before_step_1_and_suggests_keep_last_n(
         ("checkpoint-12", True),
     ]
 
-    config["training"].update(keep_state_last_n=None, keep_last_n=1)  # the other: only the newest stays
-    code, _ = fit_cli(tmp_path, config, "--training.overwrite_output_dir", "true", capsys=capsys)
-    assert code == 0
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-12"]
+    # standard mode without save_all_checkpoints may keep fewer folders: keep_last_n is offered and works
+    standard = {"skip_evaluation": False, "keep_state_last_n": None, "output_dir": str(tmp_path / "standard")}
+    config["training"].update(standard)
+    config["evaluation"] = {"partial_eval_during_training": False, "full_eval_at_end": False}
+    code, line = fit_cli(tmp_path, config, capsys=capsys)
+    assert code == 2 and "training.keep_last_n (e.g. 1)" in line
+    config["training"]["keep_last_n"] = 1
+    assert fit_cli(tmp_path, config, capsys=capsys)[0] == 0
+    assert [p.name for p in list_checkpoints(tmp_path / "standard")] == ["checkpoint-12"]
 
     config["training"].update(keep_last_n=None, disk_check="warn", output_dir=str(tmp_path / "warned"))
     with pytest.warns(UserWarning, match="this run will keep 3 checkpoints"):

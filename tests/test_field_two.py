@@ -1,0 +1,187 @@
+"""Field-readiness, round two: what returned a wrong result without a word, stalled, or ended in a traceback when
+tried as a new user would (changed rows at resume, an overwritten run's leftovers, keep-all that deleted, trainer
+keys that a training key owns, W&B without a network, a watcher that never ended, odd inputs). Each case failed
+before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qwen_cls.checkpoint import RUN_RECORDS, list_checkpoints
+from tests.helpers import base_config, run_main, write_config
+
+
+def fit(tmp_path: Path, config: dict, capsys, *extra: str) -> tuple[int, str, str]:
+    """`qwen-cls fit --config` in-process: exit status, stdout, and the last stderr line."""
+    code, out, err = run_main(
+        capsys, "fit", "--config", str(write_config(tmp_path / "c.yaml", config)), *extra
+    )
+    lines = err.strip().splitlines()
+    return code, out, lines[-1] if lines else ""
+
+
+def rows(demo_data: Path, path: Path, start: int, stop: int) -> Path:
+    """Rows start..stop of the demo's training file, with absolute image paths."""
+    lines = (demo_data / "train.jsonl").read_text().splitlines()[start:stop]
+    path.write_text(
+        "".join(
+            json.dumps({**json.loads(r), "image_path": str(demo_data / json.loads(r)["image_path"])}) + "\n"
+            for r in lines
+        )
+    )
+    return path
+
+
+# 1. a resume on rows that changed in place
+
+
+@pytest.mark.slow
+def test_resume_on_changed_rows_is_refused_unless_asked_and_a_touched_file_is_not_a_change(
+    tiny_model, demo_data, tmp_path, capsys
+):
+    train = rows(demo_data, tmp_path / "train.jsonl", 0, 64)
+    config = base_config(tiny_model, demo_data, tmp_path / "run")
+    config["data"]["train_jsonl"] = str(train)
+    config["training"].update(epochs=2, max_steps=6, save_steps=4)  # 8 steps an epoch: stopped within epoch 0
+    assert fit(tmp_path, config, capsys)[0] == 0
+    config["training"]["max_steps"] = -1
+
+    os.utime(train, ns=(0, 0))  # touched, the same rows: resumes without a word about the data
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    touched = {**config, "training": {**config["training"], "output_dir": str(tmp_path / "copy")}}
+    code, out, _ = fit(tmp_path, touched, capsys, "--ckpt_path", str(tmp_path / "copy" / "checkpoint-4"))
+    assert code == 0 and "resume_with_changed_rows" not in out
+    assert [p.name for p in list_checkpoints(tmp_path / "copy")][-1] == "checkpoint-16"
+
+    with train.open("a") as fh:  # 16 rows appended
+        fh.write(rows(demo_data, tmp_path / "more.jsonl", 64, 80).read_text())
+    mid_epoch = str(tmp_path / "run" / "checkpoint-4")  # saved within epoch 0 (checkpoint-6 ended the run)
+    code, _, line = fit(tmp_path, config, capsys, "--ckpt_path", mid_epoch)
+    assert code == 2
+    assert line == (
+        f"qwen-cls: error: data.train_jsonl: {train} changed (64 rows then, 80 now) since the checkpoint was saved; "
+        "its interrupted epoch was ordered over the old rows. Resume with the rows it was saved with, or set "
+        "data.resume_with_changed_rows: true to go on with the new rows"
+    )
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-4", "checkpoint-6"]
+
+    code, out, _ = fit(
+        tmp_path, config, capsys, "--ckpt_path", mid_epoch, "--data.resume_with_changed_rows", "true"
+    )
+    assert code == 0
+    assert (
+        f"data.resume_with_changed_rows: {train} changed (64 rows then, 80 now); the rest of epoch 0 is drawn "
+        "from a shuffle of the new rows" in out
+    )
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "checkpoint-20"  # 2 epochs of 10 steps
+
+    # the same rows under another name: the path change is reported, the rows are the same, the resume goes on
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(rows(demo_data, tmp_path / "t2.jsonl", 0, 64), moved)
+    config["data"]["train_jsonl"] = str(tmp_path / "t2.jsonl")
+    config["training"].update(output_dir=str(tmp_path / "run2"), max_steps=6)
+    assert fit(tmp_path, config, capsys)[0] == 0
+    config["training"]["max_steps"] = -1
+    config["data"]["train_jsonl"] = str(moved)
+    code, out, _ = fit(tmp_path, config, capsys, "--ckpt_path", str(tmp_path / "run2" / "checkpoint-4"))
+    assert code == 0 and f"data.train_jsonl: '{tmp_path / 't2.jsonl'}' -> '{moved}'" in out
+
+
+# 2. overwrite_output_dir takes the whole previous run along; 3. skip_evaluation keeps every checkpoint
+
+
+@pytest.mark.slow
+def test_overwrite_removes_every_record_of_the_old_run_and_keep_all_keeps_all(
+    tiny_model, demo_data, val_subset, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    config = base_config(tiny_model, demo_data, run)
+    config["training"].update(keep_last_n=2)  # skip_evaluation: every checkpoint is kept all the same
+    config["monitor"] = {"plots": True}
+    code, out, _ = fit(tmp_path, config, capsys)
+    assert code == 0
+    assert "training.skip_evaluation=true overrides training.keep_last_n: 2 -> null" in out
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-5", "checkpoint-10", "checkpoint-12"]
+    assert (
+        run_main(capsys, "evaluate-all", str(run), "--eval_data", str(val_subset), "--wandb", "false")[0] == 0
+    )
+    assert run_main(capsys, "report", str(run))[0] == 0
+    (run / "eval_final.json").write_text("{}")  # as a standard-mode run leaves it
+    assert {p.name for p in run.iterdir()} >= set(RUN_RECORDS)  # the test covers every record a run keeps
+
+    config["training"].update(max_steps=4, save_steps=2, overwrite_output_dir=True)
+    code, out, _ = fit(tmp_path, config, capsys)
+    assert code == 0
+    assert (
+        f"overwrite_output_dir: removed the previous run from {run}: 3 checkpoints (checkpoint-5..checkpoint-12), "
+        "eval_all.csv, eval_all.png, best_checkpoint.json, eval_final.json, report.md, plots/, logs/" in out
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-4", "logs", "plots"]
+    assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]
+    code, out, _ = run_main(capsys, "report", str(run))
+    report = (run / "report.md").read_text()
+    assert "checkpoint-12" not in report and "checkpoint-4" in report
+
+
+# 4. keys that a training key sets
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["--trainer.max_epochs", "3"],
+            "trainer.max_epochs: set by training.epochs; give --training.epochs instead",
+        ),
+        (
+            ["--trainer.gradient_clip_val=1.0"],
+            "trainer.gradient_clip_val: set by training.max_grad_norm; give --training.max_grad_norm instead",
+        ),  # fmt: skip
+        (["--model.lr", "1e-4"], "model.lr: set by training.lr; give --training.lr instead"),
+    ],
+)
+def test_a_key_a_training_key_sets_is_refused_on_the_command_line(tmp_path, capsys, args, line):
+    code, _, err = run_main(capsys, "fit", *args)
+    assert code == 2 and err.strip() == f"qwen-cls: error: {line}"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "owner"),
+    [
+        ("trainer", "max_epochs", 3, "training.epochs"),
+        ("trainer", "default_root_dir", "/tmp/x", "training.output_dir"),
+        ("data", "processor_path", "/tmp/x", "model.pretrained_name"),
+    ],
+)
+def test_a_key_a_training_key_sets_is_refused_in_yaml_and_in_the_python_api(
+    tiny_model, demo_data, tmp_path, capsys, section, key, value, owner
+):
+    import qwen_cls
+    from qwen_cls.errors import ConfigError
+
+    config = base_config(tiny_model, demo_data, tmp_path / "run")
+    config[section][key] = value
+    path = write_config(tmp_path / "c.yaml", config)
+    code, _, err = run_main(capsys, "fit", "--config", str(path))
+    assert code == 2
+    assert (
+        err.strip()
+        == f"qwen-cls: error: {section}.{key}: set by {owner}; write {owner} in the config instead (--config: {path})"
+    )
+    with pytest.raises(ConfigError, match=f"^{section}.{key}: set by {owner}; write {owner}"):
+        qwen_cls.fit(config)
+    assert not (tmp_path / "run").exists()
+
+
+# 7. one line, not a traceback
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert run_main(capsys, "--version") == (0, f"qwen-cls {version('qwen-cls')}\n", "")

@@ -129,15 +129,21 @@ def marked_running(output_dir: str | Path, write: bool):
             os.environ.pop(RUN_ID_ENV, None)
 
 
+def live_owner(output_dir: str | Path) -> dict | None:
+    """The running ``fit`` that holds ``output_dir`` (pid, host, start), or None when none does."""
+    marker = Path(output_dir) / RUNNING_FILE
+    owner = _marker_owner(marker) if marker.is_file() else None
+    return owner if owner is not None and _alive(owner) else None
+
+
 def run_status(output_dir: str | Path, checkpoints: list[Path]) -> str:
     """``finished``, ``in progress``, ``stopped by SIGTERM`` (or SIGINT; a checkpoint of the step it stopped
     at was saved) or ``stopped`` (killed or crashed before its final checkpoint)."""
     last = read_info(checkpoints[-1]) if checkpoints else {}
     if last.get("final"):
         return "finished"
-    marker = Path(output_dir) / RUNNING_FILE
-    owner = _marker_owner(marker) if marker.is_file() else None
-    if owner is not None and _alive(owner):
+    owner = live_owner(output_dir)
+    if owner is not None:
         elsewhere = owner.get("host") != socket.gethostname()
         return f"in progress on {owner['host']} (or killed there)" if elsewhere else "in progress"
     if last.get("stopped_by"):

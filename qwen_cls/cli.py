@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen_cls.checkpoint import (
@@ -63,7 +64,7 @@ from qwen_cls.evaluation import evaluate, evaluate_all
 from qwen_cls.export import export
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import LogLineProgress, RunPlots, TrainingMonitor, wandb_online
+from qwen_cls.monitor import LogLineProgress, RunPlots, TrainingMonitor, wandb_mode
 from qwen_cls.policy import Resolution, resolve, resume_changes
 from qwen_cls.predict import predict
 from qwen_cls.reporting import write_report
@@ -294,11 +295,9 @@ class QwenCLI(LightningCLI):
         loggers = [StepCSVLogger(save_dir=output_dir, name="logs")]
         wandb = cfg.wandb
         if wandb.enabled:
-            offline = not wandb_online()
-            if offline:
-                say(
-                    "W&B: no API key (WANDB_API_KEY or `wandb login`), logging offline; `wandb sync` uploads later"
-                )
+            from wandb import Settings
+
+            offline = rank_zero_only.rank == 0 and wandb_mode(wandb.start_timeout) == "offline"
             loggers.append(
                 WandbLogger(
                     project=wandb.project,
@@ -308,6 +307,7 @@ class QwenCLI(LightningCLI):
                     notes=wandb.notes,
                     save_dir=output_dir,
                     offline=offline,
+                    settings=Settings(init_timeout=wandb.start_timeout),
                 )
             )
         return loggers

@@ -186,6 +186,8 @@ class WandbConfig:
         tags: W&B run tags.
         notes: W&B run notes.
         log_dataset_metrics: also log training accuracy and loss per dataset.
+        start_timeout: seconds W&B's server has to answer before the run starts; past them (no network, a
+            proxy that swallows requests) the run logs offline and says so, rather than wait and fail.
     """
 
     enabled: bool = False
@@ -195,3 +197,4 @@ class WandbConfig:
     tags: list[str] | None = None
     notes: str | None = None
     log_dataset_metrics: bool = False
+    start_timeout: float = 10.0

@@ -22,14 +22,18 @@ from rich.console import Console
 from rich.table import Table
 
 from qwen_cls.checkpoint import (
+    CHECKPOINT_PREFIX,
     HF_DIR,
     INFO_FILE,
     STATE_DIR,
     STATE_FILE,
     checkpoint_step,
+    describe_owner,
     list_checkpoints,
+    live_owner,
     read_info,
     refuse_unsafe_checkpoint,
+    scan_checkpoints,
     write_best,
 )
 from qwen_cls.config import DatasetConfig
@@ -38,7 +42,7 @@ from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
-from qwen_cls.monitor import wandb_online
+from qwen_cls.monitor import wandb_mode
 
 DATA_KEYS = (
     "batch_size",
@@ -213,6 +217,8 @@ def evaluate_all(
     watch: bool = False,
     poll_seconds: float = 30.0,
     timeout: float | None = None,
+    stale_after: float = 300.0,
+    wait_for_run: bool = False,
     wandb: bool = True,
 ) -> list[dict[str, Any]]:
     """Evaluate every complete checkpoint of a run, rank them, plot them and name the best.
@@ -223,17 +229,26 @@ def evaluate_all(
         output_dir: where eval_all.csv, eval_all.png and best_checkpoint.json go (default: run_dir).
         config_path: the training YAML; default: the config stored in the checkpoints.
         batch_size: evaluation batch size (default: the config's).
-        watch: keep polling run_dir and evaluate each new checkpoint until the run's final one is done.
+        watch: keep polling run_dir and evaluate each new checkpoint until the run's final one is done, or
+            until the run has stopped without it (stopped by a signal, or no live fit holds the folder for
+            ``stale_after`` seconds).
         poll_seconds: how often to look for new checkpoints when watching.
         timeout: stop watching after this many seconds.
+        stale_after: seconds without a live fit in run_dir (and no final checkpoint) after which watching stops.
+        wait_for_run: with ``watch``, wait for a run to start in run_dir when it is not a run folder (yet).
         wandb: when the run logged to W&B, also log the results into its history against the training step.
     """
     run, out = Path(run_dir), Path(output_dir or run_dir)
     if not watch and not (run.is_dir() and list_checkpoints(run)):
         raise ConfigError(f"run_dir: {run} holds no complete checkpoint")
-    out.mkdir(parents=True, exist_ok=True)
+    if watch and not wait_for_run and not _is_run(run):
+        raise ConfigError(
+            f"run_dir: {run} is not a run folder (no checkpoint, no running fit); check the path, or add "
+            "--wait_for_run to wait for a run to start there"
+        )
     rows: list[dict[str, Any]] = []
     trainer, datamodule, setup, logger = _trainer(), None, None, None
+    watcher = _Watch(run, stale_after, poll_seconds) if watch else None
     started, finished = time.monotonic(), False
     while True:
         done = {row["step"] for row in rows}
@@ -247,22 +262,80 @@ def evaluate_all(
             metrics = _validate(trainer, load_module(ckpt, setup), datamodule)
             rows.append({"step": checkpoint_step(ckpt), "checkpoint": ckpt.name, **metrics})
             say(f"{ckpt.name}: {setup.best_metric} = {metrics.get(setup.best_metric, float('nan')):.4f}")
-            if wandb and info.get("wandb"):
-                logger = logger or _WandbHistory(info["wandb"])
-                logger.log(rows[-1]["step"], metrics)
             finished = finished or bool(info.get("final"))
-            _write_results(out, run, rows, setup, eval_data)
-        if not watch or finished:
+            _write_results(
+                out, run, rows, setup, eval_data
+            )  # before any logger: a result is never lost to one
+            if wandb and info.get("wandb") and logger is not False:
+                logger = logger or _WandbHistory.start(info)
+                if logger and not logger.log(rows[-1]["step"], metrics):
+                    logger = False
+        if watcher is None or finished or watcher.run_has_stopped(rows):
             break
         if timeout is not None and time.monotonic() - started > timeout:
             say(f"stopped watching {run} after {timeout:.0f} s without its final checkpoint")
             break
         time.sleep(poll_seconds)
-    if logger is not None:
+    if logger:
         logger.finish()
     if rows:
         _print_ranking(rows, setup)
     return rows
+
+
+def _is_run(path: Path) -> bool:
+    """A folder a fit trains or trained into: a checkpoint (complete or being saved), a running fit's marker,
+    or its logs."""
+    if not path.is_dir():
+        return False
+    return live_owner(path) is not None or any(
+        checkpoint_step(p) is not None or p.name.startswith(f".{CHECKPOINT_PREFIX}") or p.name == "logs"
+        for p in path.iterdir()
+    )
+
+
+class _Watch:
+    """When ``evaluate-all --watch`` stops waiting for a run's final checkpoint: the run stopped by a signal
+    (its newest checkpoint says so and no fit holds the folder), or no fit has held the folder for
+    ``stale_after`` seconds (killed, crashed, never started). Every few minutes it says what it waits for."""
+
+    SAY_EVERY = 300.0
+
+    def __init__(self, run: Path, stale_after: float, poll_seconds: float):
+        self.run, self.stale_after = run, stale_after
+        self.said = self.seen_alive = time.monotonic()
+        self.say_every = max(self.SAY_EVERY, poll_seconds)
+
+    def run_has_stopped(self, rows: list[dict[str, Any]]) -> bool:
+        now = time.monotonic()
+        owner = live_owner(self.run) if self.run.is_dir() else None
+        complete = scan_checkpoints(self.run)[0] if self.run.is_dir() else []  # the loop warned of the others
+        newest = complete[-1] if complete else None
+        stopped_by = read_info(newest).get("stopped_by") if newest is not None else None
+        if owner is not None:
+            self.seen_alive = now
+        elif stopped_by:
+            say(
+                f"stopped watching {self.run}: the run was stopped by {stopped_by} at {newest.name} and no fit holds "
+                "it now; resume it (--ckpt_path last) and watch again"
+            )
+            return True
+        elif now - self.seen_alive >= self.stale_after:
+            where = f"its newest checkpoint is {newest.name}, not final" if newest else "it has no checkpoint"
+            say(
+                f"stopped watching {self.run}: no fit has trained into it for {self.stale_after:.0f} s and {where} "
+                "(killed or crashed?); resume it and watch again"
+            )
+            return True
+        if now - self.said >= self.say_every:
+            self.said = now
+            holder = f"fit {describe_owner(owner)}" if owner else "no fit running there now"
+            newest_name = newest.name if newest else "none yet"
+            say(
+                f"watching {self.run}: {len(rows)} checkpoints evaluated, newest {newest_name}; waiting for the "
+                f"next ({holder})"
+            )
+        return False
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
@@ -277,6 +350,7 @@ def _write_results(
     out: Path, run: Path, rows: list[dict[str, Any]], setup: EvalSetup, eval_data: str
 ) -> None:
     rows.sort(key=lambda r: r["step"])
+    out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with (out / CSV_FILE).open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
@@ -336,24 +410,47 @@ def _plot(
 
 
 class _WandbHistory:
-    """Writes evaluation results into the training run's W&B history, against the training step."""
+    """Writes evaluation results into the training run's W&B history, against the training step. W&B failing
+    (no network, a server error) is one warning and the end of W&B logging here, never of the evaluation."""
 
-    def __init__(self, run: dict[str, Any]):
+    def __init__(self, run):
+        self.run = run
+
+    @classmethod
+    def start(cls, info: dict[str, Any]) -> _WandbHistory | bool:
+        """The training run's W&B run resumed (offline when W&B cannot be reached), or False."""
         import wandb
 
-        self.run = wandb.init(
-            id=run["id"],
-            project=run.get("project"),
-            entity=run.get("entity"),
-            dir=run.get("dir"),
-            resume="allow",
-            mode="online" if wandb_online() else "offline",
-        )
-        self.run.define_metric("trainer/global_step")
-        self.run.define_metric("eval/*", step_metric="trainer/global_step")
+        run = info["wandb"]
+        timeout = float(((info.get("config") or {}).get("wandb") or {}).get("start_timeout") or 10.0)
+        try:
+            handle = wandb.init(
+                id=run["id"],
+                project=run.get("project"),
+                entity=run.get("entity"),
+                dir=run.get("dir"),
+                resume="allow",
+                mode=wandb_mode(timeout),
+                settings=wandb.Settings(init_timeout=timeout),
+            )
+            handle.define_metric("trainer/global_step")
+            handle.define_metric("eval/*", step_metric="trainer/global_step")
+        except Exception as e:  # wandb's errors are many and its own; the results are written regardless
+            say(
+                f"W&B: not logging the results to run {run['id']} ({type(e).__name__}: {str(e).splitlines()[0]})"
+            )
+            return False
+        return cls(handle)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log({"trainer/global_step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    def log(self, step: int, metrics: dict[str, float]) -> bool:
+        try:
+            self.run.log({"trainer/global_step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        except Exception as e:  # as in start
+            say(
+                f"W&B: logging stopped ({type(e).__name__}: {str(e).splitlines()[0]}); the results are in the CSV"
+            )
+            return False
+        return True
 
     def finish(self) -> None:
         self.run.finish()

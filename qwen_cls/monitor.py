@@ -29,7 +29,7 @@ from qwen_cls.flops import device_peak_flops, forward_flops_by_part, pass_factor
 def wandb_online() -> bool:
     """Whether W&B can log online: a key in the environment or stored by ``wandb login`` (netrc), and
     ``WANDB_MODE`` not ``offline``. The key itself is never read into qwen-cls."""
-    if os.environ.get("WANDB_MODE") == "offline":
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
         return False
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -37,6 +37,38 @@ def wandb_online() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
+
+
+def wandb_unreachable(timeout: float) -> str | None:
+    """Why W&B's server cannot be reached within ``timeout`` seconds, or None when it answers (any HTTP status
+    counts: the server is there). wandb itself waits ~2 minutes on a network that swallows its requests, then
+    fails the run with a traceback; this asks once, briefly, before a run depends on it."""
+    import urllib.error
+    import urllib.request
+
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    try:
+        urllib.request.urlopen(f"{base}/healthz", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        return f"{base} did not answer within {timeout:g} s ({reason})"
+    return None
+
+
+def wandb_mode(timeout: float) -> str:
+    """``online`` or ``offline`` for a W&B run about to start; going offline is said in one line."""
+    if not wandb_online():
+        mode = os.environ.get("WANDB_MODE")
+        why = f"WANDB_MODE={mode}" if mode else "no API key (WANDB_API_KEY or `wandb login`)"
+        say(f"W&B: {why}, logging offline; `wandb sync` uploads later")
+        return "offline"
+    problem = wandb_unreachable(timeout)
+    if problem:
+        say(f"W&B: {problem}; logging offline, `wandb sync` uploads later (wandb.start_timeout)")
+        return "offline"
+    return "online"
 
 
 SHOWN = {"train/loss": "loss", "train/lr": "lr", "perf/samples_per_second": "samples/s"}

@@ -265,6 +265,7 @@ def test_watch_follows_a_run_while_it_trains(tiny_model, demo_data, tmp_path):
             str(tmp_path / "run"),
             eval_data=str(demo_data / "val.jsonl"),
             watch=True,
+            wait_for_run=True,  # the folder does not exist yet
             poll_seconds=0.5,
             timeout=600,
             wandb=False,

@@ -185,3 +185,92 @@ def test_version(capsys):
     from importlib.metadata import version
 
     assert run_main(capsys, "--version") == (0, f"qwen-cls {version('qwen-cls')}\n", "")
+
+
+# 5. W&B with a key and no network
+
+
+@pytest.fixture
+def unanswering_wandb(monkeypatch):
+    """A W&B server address that takes connections and never answers (a network that swallows requests), and
+    a key: W&B would wait about two minutes, then fail the run."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    yield url
+    server.close()
+
+
+@pytest.mark.slow
+def test_wandb_that_does_not_answer_is_offline_in_one_line_and_never_costs_a_result(
+    tiny_model, demo_data, val_subset, tmp_path, capsys, unanswering_wandb
+):
+    run = tmp_path / "run"
+    config = base_config(tiny_model, demo_data, run)
+    config["training"].update(max_steps=4, save_steps=2)
+    config["wandb"] = {"enabled": True, "project": "offline-test", "start_timeout": 2}
+    code, out, _ = fit(tmp_path, config, capsys)
+    assert code == 0
+    went_offline = f"W&B: {unanswering_wandb} did not answer within 2 s (timed out); logging offline"
+    assert went_offline in out
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-4"]
+    assert list((run / "wandb").glob("offline-run-*"))
+
+    os.environ.pop("WANDB_MODE", None)  # Lightning's WandbLogger set it for the offline run in this process
+    code, out, err = run_main(capsys, "evaluate-all", str(run), "--eval_data", str(val_subset))
+    assert code == 0 and went_offline in out, err
+    with (run / "eval_all.csv").open() as fh:
+        assert [line.split(",")[0] for line in fh.read().splitlines()[1:]] == ["2", "4"]
+
+
+# 6. evaluate-all --watch ends when the run has stopped, and refuses a folder that is no run
+
+
+@pytest.mark.slow
+def test_watch_stops_when_the_run_stopped_without_its_final_checkpoint(
+    tiny_model, demo_data, val_subset, tmp_path, capsys
+):
+    finished = tmp_path / "finished"
+    config = base_config(tiny_model, demo_data, finished)
+    config["training"].update(max_steps=4, save_steps=2)
+    assert fit(tmp_path, config, capsys)[0] == 0
+
+    stopped = (
+        tmp_path / "stopped"
+    )  # what a SIGTERM leaves: the newest checkpoint says so, no fit holds the run
+    shutil.copytree(finished, stopped)
+    info_file = stopped / "checkpoint-4" / "training_info.json"
+    info = json.loads(info_file.read_text())
+    info_file.write_text(json.dumps({**info, "final": False, "stopped_by": "SIGTERM"}))
+    watch = ("--eval_data", str(val_subset), "--watch", "--poll_seconds", "0.2", "--wandb", "false")
+    code, out, _ = run_main(capsys, "evaluate-all", str(stopped), *watch)
+    assert code == 0
+    assert (
+        f"stopped watching {stopped}: the run was stopped by SIGTERM at checkpoint-4 and no fit holds it now; "
+        "resume it (--ckpt_path last) and watch again" in out
+    )
+    assert (stopped / "eval_all.csv").read_text().count("\n") == 3
+
+    crashed = tmp_path / "crashed"  # killed after checkpoint-2: no final checkpoint, no stop recorded
+    shutil.copytree(finished, crashed)
+    shutil.rmtree(crashed / "checkpoint-4")
+    code, out, _ = run_main(capsys, "evaluate-all", str(crashed), *watch, "--stale_after", "1")
+    assert code == 0
+    assert (
+        f"stopped watching {crashed}: no fit has trained into it for 1 s and its newest checkpoint is "
+        "checkpoint-2, not final (killed or crashed?); resume it and watch again" in out
+    )
+
+    typo = tmp_path / "finsihed"
+    code, _, err = run_main(capsys, "evaluate-all", str(typo), *watch)
+    assert code == 2 and err.strip() == (
+        f"qwen-cls: error: run_dir: {typo} is not a run folder (no checkpoint, no running fit); check the path, "
+        "or add --wait_for_run to wait for a run to start there"
+    )
+    assert not typo.exists()

@@ -381,9 +381,10 @@ class QwenCLI(LightningCLI):
             info.get("config", {}), now, info.get("world_size"), self.trainer.world_size
         )
         if refused:
+            head = any(r.startswith(("model.num_labels:", "loss.type:")) for r in refused)
             raise ConfigError(
                 f"ckpt_path: resuming {folder.name} with {'; '.join(refused)}; keep the saved value(s), or start a "
-                "new run from its hf_model/ (model.pretrained_name)"
+                f"new run from its hf_model/ (model.pretrained_name{', model.reinit_head: true' if head else ''})"
             )
         if reported:
             say(

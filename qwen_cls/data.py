@@ -26,7 +26,7 @@ from transformers import AutoProcessor
 from qwen_cls.config import DatasetConfig, OnBadImage
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError, DataError
-from qwen_cls.model import qwen_model_type
+from qwen_cls.model import check_processor_files, qwen_model_type
 from qwen_cls.rows import CheckLevel, RowIndex, image_size_problem, shared_rows
 
 DEFAULT_PROMPT = "Which {dataset} class is this image?"
@@ -246,6 +246,7 @@ class QwenDataModule(L.LightningDataModule):
     def _load_processor(self):
         if self.processor is None:
             qwen_model_type(self.processor_path)
+            check_processor_files(Path(self.processor_path))
             kwargs = {
                 k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v
             }

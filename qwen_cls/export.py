@@ -50,6 +50,8 @@ def export(
     if dtype == "auto":
         dtype = training_dtype(str(info.get("precision", "32")))
     target = Path(output) if output else checkpoint / HF_DIR
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--output: {target} is a file; give a folder to write the model into")
     if target.exists() and any(target.iterdir()):
         raise ConfigError(
             f"--output: {target} already exists and is not empty; remove it or choose another --output"

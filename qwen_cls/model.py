@@ -59,6 +59,47 @@ def qwen_model_type(path: str | Path) -> str:
     return model_type
 
 
+def check_weight_files(path: Path) -> None:
+    """The weights a folder's loader will look for are all there: a partial copy or download (no weights, or an
+    index naming shards that are missing) is one line, not transformers' traceback."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            shards = sorted(set(json.loads((path / index).read_text()).get("weight_map", {}).values()))
+            missing = [name for name in shards if not (path / name).is_file()]
+            if missing:
+                raise ConfigError(
+                    f"model.pretrained_name: {path} lacks {len(missing)} of the {len(shards)} weight files its {index} "
+                    f"names ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the copy or download "
+                    "is incomplete"
+                )
+            return
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise ConfigError(
+            f"model.pretrained_name: {path} holds no weights (*.safetensors or pytorch_model*.bin); the copy or "
+            "download is incomplete"
+        )
+
+
+def check_processor_files(path: Path) -> None:
+    """A Qwen2.5-VL processor needs the tokenizer's files and the image processor's settings; without them
+    transformers builds a processor that fails at the first batch (or a config error much later)."""
+    tokenizer = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+    image = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
+    missing = [
+        what
+        for what, there in (
+            ("the tokenizer (tokenizer.json, or vocab.json + merges.txt)", tokenizer),
+            ("the image processor (preprocessor_config.json or processor_config.json)", image),
+        )
+        if not there
+    ]
+    if missing:
+        raise ConfigError(
+            f"model.pretrained_name: {path} lacks {' and '.join(missing)}; copy the whole model folder (the "
+            "processor is loaded from it)"
+        )
+
+
 Attention = Literal["auto", "flash_attention_2", "sdpa", "eager"]
 TorchDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -89,24 +130,32 @@ def load_classifier(
     attn_implementation: str = "sdpa",
     classifier_head: str = "linear",
     cosine_scale: float = 30.0,
+    reinit_head: bool = False,
 ) -> QwenVLForImageClassification:
-    """A classifier from a local folder: either a saved ``hf_model/`` (backbone and head) or any Qwen2.5-VL
-    checkpoint (3B/7B/32B/72B or the tiny one), whose LM head is dropped and a new head added."""
+    """A classifier from a local folder: either a saved ``hf_model/`` (backbone and head; with ``reinit_head`` a
+    new head for a new label set on its backbone) or any Qwen2.5-VL checkpoint (3B/7B/32B/72B or the tiny
+    one), whose LM head is dropped and a new head added."""
     path = Path(pretrained_name)
-    if qwen_model_type(path) == QwenVLClassifierConfig.model_type:
-        model = QwenVLForImageClassification.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation
-        )
-        if model.config.num_labels != num_labels:
+    model_type = qwen_model_type(path)
+    check_weight_files(path)
+    if model_type == QwenVLClassifierConfig.model_type:
+        saved = QwenVLClassifierConfig.from_pretrained(path)
+        if reinit_head:
+            return _new_head_on(path, saved, num_labels, dtype, attn_implementation, classifier_head, cosine_scale)
+        if saved.num_labels != num_labels:
             raise ConfigError(
-                f"model.num_labels: {num_labels}, but the classifier in {path} has {model.config.num_labels} labels"
+                f"model.num_labels: {num_labels}, but the classifier in {path} has {saved.num_labels} labels; set "
+                "model.reinit_head: true to train a new head for the new labels on its backbone"
             )
-        if model.config.classifier_head != classifier_head:
+        if saved.classifier_head != classifier_head:
             raise ConfigError(
                 f"loss.type: needs a {classifier_head} head, but the classifier in {path} has a "
-                f"{model.config.classifier_head} head (arcface trains a cosine head; the other losses a linear one)"
+                f"{saved.classifier_head} head (arcface trains a cosine head; the other losses a linear one); set "
+                "model.reinit_head: true to train a new head on its backbone"
             )
-        return model
+        return QwenVLForImageClassification.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
     head_seed = int(torch.randint(0, 2**31 - 1, ()))  # before loading, whose path may draw from the RNG
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the LM head is "unexpected" by design; missing keys are checked below
@@ -125,6 +174,32 @@ def load_classifier(
     model = QwenVLForImageClassification(config, backbone=backbone)
     init_head(model.score, config, head_seed)
     if not hasattr(model.score.weight, "ds_id"):  # a ZeRO-3 partition: DeepSpeed owns its dtype
+        model.score.to(dtype)
+    return model
+
+
+def _new_head_on(
+    path: Path,
+    saved: QwenVLClassifierConfig,
+    num_labels: int,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    classifier_head: str,
+    cosine_scale: float,
+) -> QwenVLForImageClassification:
+    """A trained classifier's backbone with a new, seeded head (transformers' ``ignore_mismatched_sizes``)."""
+    head_seed = int(torch.randint(0, 2**31 - 1, ()))
+    config = classifier_config(saved, num_labels, classifier_head, cosine_scale)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the old head's weights are left out by design
+    try:
+        model = QwenVLForImageClassification.from_pretrained(
+            path, config=config, dtype=dtype, attn_implementation=attn_implementation, ignore_mismatched_sizes=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    init_head(model.score, config, head_seed)
+    if not hasattr(model.score.weight, "ds_id"):
         model.score.to(dtype)
     return model
 
@@ -167,6 +242,9 @@ class QwenClassifier(L.LightningModule):
         attn_implementation: ``auto`` (FlashAttention-2 when installed and the GPU supports it, else ``sdpa``),
             ``flash_attention_2``, ``sdpa`` or ``eager``; the choice is logged once.
         freeze_vision: keep the vision tower's weights fixed (only the language model and the head train).
+        reinit_head: with a classifier trained by qwen-cls as ``pretrained_name`` (its ``hf_model/``), train a new
+            head (``num_labels`` columns, as for a base model) on its backbone instead of its trained head: a
+            new label set. Without it the trained head is loaded, and must have ``num_labels`` columns.
         lora: low-rank adapters (peft) instead of a full fine-tune: ``enabled``, ``r``, ``alpha``, ``dropout``,
             ``target_modules``, ``vision``, ``modules_to_save`` (see :class:`qwen_cls.config.LoraSettings`).
         loss: linked from the ``loss:`` section.
@@ -188,6 +266,7 @@ class QwenClassifier(L.LightningModule):
         torch_dtype: TorchDtype = "auto",
         attn_implementation: Attention = "auto",
         freeze_vision: bool = False,
+        reinit_head: bool = False,
         lora: LoraSettings | None = None,
         loss: LossConfig | None = None,
         dataset_configs: dict[str, DatasetConfig] | None = None,
@@ -266,8 +345,16 @@ class QwenClassifier(L.LightningModule):
         # the adapters' seed, before loading (which draws from the RNG under ZeRO-3 only), as the head's
         lora_seed = int(torch.randint(0, 2**31 - 1, ())) if self.lora.enabled else 0
         self.net = load_classifier(
-            hp.pretrained_name, hp.num_labels, dtype, attention, head, self.loss_config.scale
+            hp.pretrained_name, hp.num_labels, dtype, attention, head, self.loss_config.scale, hp.reinit_head
         ).train()  # from_pretrained returns eval mode; Lightning switches to eval for validation itself
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            if qwen_model_type(hp.pretrained_name) == QwenVLClassifierConfig.model_type:
+                _say_once(
+                    f"model: a new head of {hp.num_labels} labels on the backbone of the classifier in {hp.pretrained_name}"
+                    if hp.reinit_head
+                    else f"model: the trained head of the classifier in {hp.pretrained_name} is loaded and trained "
+                    "further (model.reinit_head: true starts a new one)"
+                )
         if hp.freeze_vision:
             self.net.model.visual.requires_grad_(False)
         if hp.gradient_checkpointing:

@@ -92,7 +92,7 @@ def classifier_config(
         "id2label": {i: str(i) for i in range(num_labels)},
         "label2id": {str(i): i for i in range(num_labels)},
     }
-    skip = {"model_type", "architectures", "num_labels", *labels}
+    skip = {"model_type", "architectures", "num_labels", "classifier_head", "cosine_scale", *labels}
     return QwenVLClassifierConfig(
         **{k: v for k, v in backbone_config.to_dict().items() if k not in skip},
         num_labels=num_labels,

@@ -23,7 +23,7 @@ from qwen_cls.errors import ConfigError, DataError
 from qwen_cls.evaluation import _processor_path, load_module, make_datamodule, read_setup, resolve_checkpoint
 from qwen_cls.losses import mask_logits
 from qwen_cls.modeling import MODEL_INPUTS
-from qwen_cls.rows import image_size_problem
+from qwen_cls.rows import image_size_problem, local_image_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -123,8 +123,12 @@ def _open(image: Image.Image | str | Path) -> Image.Image:
     return load_image(image)
 
 
-def _inputs(path: Path) -> list[tuple[Path, str | None, dict[str, Any]]]:
+def _inputs(given: str) -> list[tuple[Path, str | None, dict[str, Any]]]:
     """(image, dataset name or None, fields to carry over) for an image, a folder of images or a JSONL file."""
+    try:
+        path = Path(local_image_path(given))
+    except ValueError as e:
+        raise DataError(f"--inputs: {e}") from None
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -140,9 +144,11 @@ def _inputs(path: Path) -> list[tuple[Path, str | None, dict[str, Any]]]:
             continue
         try:
             row = json.loads(line)
-            image = Path(row["image_path"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            image = Path(local_image_path(row["image_path"]))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{path}:{lineno}: expected a JSON object with image_path ({e})") from None
+        except ValueError as e:  # a remote URL
+            raise DataError(f"{path}:{lineno}: {e}") from None
         carry = {k: row[k] for k in ("label", "dataset_name") if k in row}
         items.append((image if image.is_absolute() else path.parent / image, row.get("dataset_name"), carry))
     return items
@@ -158,7 +164,8 @@ def predict(
     config_path: str | None = None,
 ) -> int:
     """Predict the top-k labels of images: one JSON line per image, to --output or stdout. Images that
-    cannot be read get a line with ``error`` and are counted; they do not stop the run.
+    cannot be read get a line with ``error`` and are counted; they do not stop the run, but when none could
+    be read the command fails (exit 2).
 
     Args:
         checkpoint_path: a ``checkpoint-<step>`` folder, its ``hf_model/``, or a run folder (newest checkpoint).
@@ -175,7 +182,7 @@ def predict(
         sys.stderr if out is sys.stdout else sys.stdout
     ):  # stdout: JSON lines only
         predictor = Predictor(checkpoint_path, config_path=config_path, batch_size=batch_size)
-        items = _inputs(Path(inputs))
+        items = _inputs(inputs)
         indexed = [(image, predictor._dataset_idx(name or dataset)) for image, name, _ in items]
         results = predictor.predict_items(indexed, top_k)
     try:
@@ -194,4 +201,6 @@ def predict(
         say(f"{summary} -> {output}")
     else:  # stdout carries the JSON lines
         print(f"[qwen-cls] {summary}", file=sys.stderr)
+    if failed and len(failed) == len(results):  # nothing predicted: a script must not take it for success
+        raise DataError(f"none of the {len(results)} images could be read (the first: {failed[0]['input']})")
     return len(failed)

@@ -15,8 +15,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import stat
 import time
+import urllib.parse
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -234,6 +236,20 @@ def _decode(raw: bytes, first: bool) -> str:
         ) from None
 
 
+def local_image_path(image: str) -> str:
+    """An image path as a JSONL row may write it: absolute, relative to the file, ``~/...`` or ``file://``.
+    Remote URLs are a ``ValueError`` that says so (joined to the JSONL's folder they would be "not found")."""
+    if image.startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlparse(image).path)
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", image)
+    if scheme:
+        raise ValueError(
+            f"{scheme[1]}:// images are not supported: download them and give local paths (absolute, relative to "
+            "the JSONL file, ~/... or file://)"
+        )
+    return os.path.expanduser(image) if image.startswith("~") else image
+
+
 def _parse(line: str, names: tuple[str, ...], num_classes: tuple[int, ...]) -> tuple[str, int, int]:
     try:
         obj = json.loads(line)
@@ -244,6 +260,10 @@ def _parse(line: str, names: tuple[str, ...], num_classes: tuple[int, ...]) -> t
     image = obj.get("image_path", obj.get("image"))
     if not isinstance(image, str) or not image:
         raise _BadRow("missing 'image_path' (or 'image')")
+    try:
+        image = local_image_path(image)
+    except ValueError as e:
+        raise _BadRow(str(e)) from None
     label = obj.get("label")
     if isinstance(label, bool) or not isinstance(label, int):
         raise _BadRow(f"'label' must be an integer, got {label!r}")

@@ -274,3 +274,144 @@ def test_watch_stops_when_the_run_stopped_without_its_final_checkpoint(
         "or add --wait_for_run to wait for a run to start there"
     )
     assert not typo.exists()
+
+
+@pytest.mark.parametrize(
+    ("remove", "line"),
+    [
+        (["tokenizer.json"], "lacks the tokenizer (tokenizer.json, or vocab.json + merges.txt); copy the whole model folder (the processor is loaded from it)"),
+        (["model.safetensors"], "holds no weights (*.safetensors or pytorch_model*.bin); the copy or download is incomplete"),
+        (["shard"], "lacks 1 of the 2 weight files its model.safetensors.index.json names (model-00002-of-00002.safetensors); the copy or download is incomplete"),
+    ],
+)  # fmt: skip
+def test_a_partial_model_folder_is_one_line_before_training(
+    tiny_model, demo_data, tmp_path, capsys, remove, line
+):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    if remove == ["shard"]:  # a sharded download that stopped after the first shard
+        index = {
+            "metadata": {},
+            "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+        }
+        (model / "model.safetensors.index.json").write_text(json.dumps(index))
+        os.replace(model / "model.safetensors", model / "model-00001-of-00002.safetensors")
+    for name in remove if remove != ["shard"] else []:
+        (model / name).unlink()
+    config = base_config(model, demo_data, tmp_path / "run")
+    code, _, err = fit(tmp_path, config, capsys)
+    assert code == 2 and err == f"qwen-cls: error: model.pretrained_name: {model} {line}"
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_image_paths_home_file_urls_and_remote_urls(tmp_path, monkeypatch):
+    from qwen_cls.config import DatasetConfig
+    from qwen_cls.errors import DataError
+    from qwen_cls.rows import read_rows
+
+    home = tmp_path / "home"
+    (home / "imgs").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(home / "imgs" / "a b.png")
+    monkeypatch.setenv("HOME", str(home))
+    data = tmp_path / "data" / "rows.jsonl"
+    data.parent.mkdir()
+    lines = [
+        {"image_path": "~/imgs/a b.png", "label": 0},
+        {"image_path": f"file://{home}/imgs/a%20b.png", "label": 1},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    datasets = {"d": DatasetConfig(num_classes=2)}
+    assert [r.image_path for r in read_rows(data, datasets, processes=1)] == [home / "imgs" / "a b.png"] * 2
+
+    with data.open("a") as fh:
+        fh.write(json.dumps({"image_path": "https://example.com/c.png", "label": 0}) + "\n")
+    with pytest.raises(DataError) as error:
+        read_rows(data, datasets, processes=1)
+    assert str(error.value) == (
+        f"{data}:3: https:// images are not supported: download them and give local paths (absolute, relative to "
+        "the JSONL file, ~/... or file://)"
+    )
+
+
+@pytest.mark.slow
+def test_predict_with_no_readable_image_fails_and_export_refuses_a_file_as_output(
+    tiny_model, demo_data, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    config = base_config(tiny_model, demo_data, run)
+    config["training"].update(max_steps=2, save_steps=2)
+    assert fit(tmp_path, config, capsys)[0] == 0
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    (bad / "b.jpg").write_bytes(b"")
+    code, out, err = run_main(capsys, "predict", "--checkpoint_path", str(run), "--inputs", str(bad))
+    assert code == 2
+    assert [json.loads(line)["input"] for line in out.splitlines()] == [
+        str(bad / "a.png"),
+        str(bad / "b.jpg"),
+    ]
+    assert (
+        err.strip().splitlines()[-1]
+        == f"qwen-cls: error: none of the 2 images could be read (the first: {bad / 'a.png'})"
+    )
+
+    target = tmp_path / "model.safetensors"
+    target.write_text("")
+    code, _, err = run_main(
+        capsys, "export", "--checkpoint_path", str(run / "checkpoint-2"), "--output", str(target)
+    )
+    assert (
+        code == 2
+        and err.strip()
+        == f"qwen-cls: error: --output: {target} is a file; give a folder to write the model into"
+    )
+
+
+# 8. a trained classifier as the base of a new label set
+
+
+@pytest.mark.slow
+def test_a_trained_classifier_takes_a_new_label_set_with_reinit_head(tiny_model, demo_data, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    config = base_config(tiny_model, demo_data, first)
+    config["training"].update(max_steps=2, save_steps=2)
+    assert fit(tmp_path, config, capsys)[0] == 0
+    trained = first / "checkpoint-2" / "hf_model"
+
+    config = base_config(trained, demo_data, tmp_path / "second")
+    config["training"].update(max_steps=2, save_steps=2)
+    config["model"]["num_labels"] = 12
+    code, _, err = fit(tmp_path, config, capsys)
+    assert code == 2 and err == (
+        f"qwen-cls: error: model.num_labels: 12, but the classifier in {trained} has 10 labels; set "
+        "model.reinit_head: true to train a new head for the new labels on its backbone"
+    )
+
+    config["model"]["reinit_head"] = True
+    code, out, _ = fit(tmp_path, config, capsys)
+    assert (
+        code == 0 and f"model: a new head of 12 labels on the backbone of the classifier in {trained}" in out
+    )
+    saved = json.loads((tmp_path / "second" / "checkpoint-2" / "hf_model" / "config.json").read_text())
+    assert len(saved["id2label"]) == 12  # transformers writes num_labels as id2label
+
+    from qwen_cls.model import load_classifier
+
+    old = load_file(trained / "model.safetensors")
+    new = load_classifier(str(trained), 12, reinit_head=True).state_dict()
+    assert new["score.weight"].shape == (12, old["score.weight"].shape[1])
+    assert all(
+        torch.equal(new[k], old[k]) for k in old if not k.startswith("score.")
+    )  # the backbone, as trained
+
+    config["model"].update(num_labels=10, reinit_head=False)  # the same labels: its head, said so
+    config["training"]["output_dir"] = str(tmp_path / "third")
+    code, out, _ = fit(tmp_path, config, capsys)
+    assert code == 0
+    assert f"model: the trained head of the classifier in {trained} is loaded and trained further" in out

@@ -612,7 +612,12 @@ class QwenCheckpoint(ModelCheckpoint):
             if error is not None
             else "a checkpoint write failed on another rank"
         )
-        message += "; the checkpoints before it are complete (resume with --ckpt_path last)"
+        resumable = [p for p in scan_checkpoints(self.dirpath)[0] if has_state(p)] if self.dirpath else []
+        message += (
+            f"; the checkpoints before it are complete (resume from {resumable[-1].name} with --ckpt_path last)"
+            if resumable
+            else "; no checkpoint of this run is complete yet (free the space and start it again)"
+        )
         if not collective:
             rank_zero_warn(message)
             return

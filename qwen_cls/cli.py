@@ -10,7 +10,9 @@ decides what the run really does, and the keys it overrode are printed.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import json
 import os
 import re
@@ -452,19 +454,47 @@ class QwenCLI(LightningCLI):
 def run_lightning_cli(args: list[str] | None = None, exit_on_error: bool = True) -> QwenCLI:
     """``exit_on_error=False`` (the Python API): a bad argument raises ``ConfigError`` instead of exiting."""
     quiet_library_chatter()
-    check_config_files(sys.argv[1:] if args is None else args)
+    given = sys.argv[1:] if args is None else args
+    check_config_files(given)
+    if any(a.split("=")[0] == "--print_config" for a in given):
+        print_config_and_overrides(args, exit_on_error)
     try:
-        return QwenCLI(
-            QwenClassifier,
-            QwenDataModule,
-            seed_everything_default=42,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": exit_on_error},
-            args=args,
-        )
+        return _qwen_cli(args, exit_on_error, save_config_kwargs={"overwrite": True})
     except ArgumentError as e:
         raise parse_error(e) from None
+
+
+def _qwen_cli(args: list[str] | None, exit_on_error: bool, **kwargs) -> QwenCLI:
+    return QwenCLI(
+        QwenClassifier,
+        QwenDataModule,
+        seed_everything_default=42,
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": exit_on_error},
+        args=args,
+        **kwargs,
+    )
+
+
+def print_config_and_overrides(args: list[str] | None, exit_on_error: bool) -> None:
+    """``--print_config``: LightningCLI's YAML of the config as given, then, as YAML comments, what the resolver
+    will override when the run starts (the printed values are not all the ones that run)."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            _qwen_cli(args, exit_on_error)
+    except ArgumentError as e:
+        raise parse_error(e) from None
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+    text = out.getvalue()
+    print(text, end="")
+    overrides = resolve(yaml.safe_load(text) or {}).overrides
+    print("# when the run starts, the resolver changes " + ("these values:" if overrides else "none of them"))
+    for override in overrides:
+        print(f"#   {override}")
+    sys.exit(0)
 
 
 def parse_error(error: Exception) -> ConfigError:

@@ -37,11 +37,26 @@ def quiet_library_chatter() -> None:
     warnings.filterwarnings("ignore", "When saving the DeepSpeed Stage 3 checkpoint")
     # our datamodule saves and restores the position in the epoch (ResumableSampler), which Lightning cannot see
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
-    lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _NoAdverts) for f in lightning_info.filters):
-        lightning_info.addFilter(_NoAdverts())
+    # Lightning 2.6 calls torch's deprecated pytree API at every fit; nothing a user can act on
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    _drop("lightning.pytorch.utilities.rank_zero", "litlogger")
+    # DeepSpeed (imported by transformers' save_pretrained wherever installed) on a host without a GPU; the run's
+    # own "attention: ... on cpu" line says where it runs. A filter set now stays when DeepSpeed sets its logger up.
+    _drop("DeepSpeed", "Setting accelerator to CPU")
 
 
-class _NoAdverts(logging.Filter):
+def _drop(logger: str, text: str) -> None:
+    handle = logging.getLogger(logger)
+    if not any(isinstance(f, _Drop) and f.text == text for f in handle.filters):
+        handle.addFilter(_Drop(text))
+
+
+class _Drop(logging.Filter):
+    """Drops a logger's records that contain ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        return self.text not in record.getMessage()

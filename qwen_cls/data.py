@@ -22,6 +22,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoProcessor
+from transformers.image_utils import SizeDict
 
 from qwen_cls.config import DatasetConfig, OnBadImage
 from qwen_cls.console import say
@@ -55,6 +56,20 @@ def load_image(path: str | Path) -> Image.Image:
         if problem:
             raise ValueError(problem)
         return to_rgb(im)
+
+
+def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """A folder's processor with the image area bounded as given, through the image processor's ``size``
+    (``shortest_edge``/``longest_edge`` hold the pixel bounds): the ``min_pixels``/``max_pixels`` keywords
+    are deprecated in transformers and warn at every batch. ``save_pretrained`` records the bounds."""
+    processor = AutoProcessor.from_pretrained(path)
+    if min_pixels or max_pixels:
+        image_processor = processor.image_processor
+        size = {k: v for k, v in dict(image_processor.size).items() if v is not None}
+        size.update({"shortest_edge": min_pixels} if min_pixels else {})
+        size.update({"longest_edge": max_pixels} if max_pixels else {})
+        image_processor.size = SizeDict(**size)
+    return processor
 
 
 def eval_subset(rows: RowIndex, configs: dict[str, DatasetConfig], seed: int = 0) -> RowIndex:
@@ -247,10 +262,7 @@ class QwenDataModule(L.LightningDataModule):
         if self.processor is None:
             qwen_model_type(self.processor_path)
             check_processor_files(Path(self.processor_path))
-            kwargs = {
-                k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v
-            }
-            self.processor = AutoProcessor.from_pretrained(self.processor_path, **kwargs)
+            self.processor = load_processor(self.processor_path, self.min_pixels, self.max_pixels)
         return self.processor
 
     def _validation_needed(self, stage: str) -> bool:

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from qwen_cls.checkpoint import DTYPES, HF_DIR, INFO_FILE, STATE_DIR, read_info, training_dtype, zero_weights
 from qwen_cls.console import say
+from qwen_cls.data import load_processor
 from qwen_cls.errors import ConfigError
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
 
@@ -97,8 +98,7 @@ def _from_shards(checkpoint: Path, cfg: dict, dtype: torch.dtype, out: Path) -> 
         )
     model.save_pretrained(out, state_dict=state)
     data = cfg.get("data") or {}
-    pixels = {k: data[k] for k in ("min_pixels", "max_pixels") if data.get(k)}
-    AutoProcessor.from_pretrained(base, **pixels).save_pretrained(out)
+    load_processor(base, data.get("min_pixels"), data.get("max_pixels")).save_pretrained(out)
     return sum(t.numel() for t in state.values())
 
 

@@ -141,7 +141,9 @@ def load_classifier(
     if model_type == QwenVLClassifierConfig.model_type:
         saved = QwenVLClassifierConfig.from_pretrained(path)
         if reinit_head:
-            return _new_head_on(path, saved, num_labels, dtype, attn_implementation, classifier_head, cosine_scale)
+            return _new_head_on(
+                path, saved, num_labels, dtype, attn_implementation, classifier_head, cosine_scale
+            )
         if saved.num_labels != num_labels:
             raise ConfigError(
                 f"model.num_labels: {num_labels}, but the classifier in {path} has {saved.num_labels} labels; set "
@@ -194,7 +196,11 @@ def _new_head_on(
     hf_logging.set_verbosity_error()  # the old head's weights are left out by design
     try:
         model = QwenVLForImageClassification.from_pretrained(
-            path, config=config, dtype=dtype, attn_implementation=attn_implementation, ignore_mismatched_sizes=True
+            path,
+            config=config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            ignore_mismatched_sizes=True,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -377,6 +383,13 @@ class QwenClassifier(L.LightningModule):
         say(
             f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%; {how})"
         )
+        trainer = self.trainer
+        total_steps = int(trainer.estimated_stepping_batches)
+        if 0 < total_steps < trainer.max_steps:
+            say(
+                f"training.max_steps: {trainer.max_steps}, but training.epochs: {trainer.max_epochs} ends the run at step "
+                f"{total_steps} ({trainer.num_training_batches} batches an epoch); raise training.epochs to train longer"
+            )
 
     def trainable_state_names(self) -> set[str]:
         """The checkpoint's ``state_dict`` entries of what trains (LoRA keeps only those; see on_save_checkpoint)."""

@@ -38,6 +38,7 @@ def test_reference_configs_parse(capsys):
     assert code == 0, err
     assert "skip_evaluation: true" in out and "num_labels: 101" in out
     assert "project: qwen_classify_no_eval" in out
+    assert out.splitlines()[-1].startswith("#") and "# when the run starts, the resolver changes " in out
     code, out, err = run_main(
         capsys, "fit", "--config", str(REPO / "configs/qwen72b_zero3_offload.yaml"), "--print_config"
     )

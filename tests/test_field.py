@@ -274,7 +274,11 @@ def test_a_stale_marker_of_a_dead_process_is_taken_over_with_a_warning(tiny_mode
 @pytest.mark.parametrize(
     ("change", "message", "hint"),
     [
-        (("data", "batch_size", 4), "data.batch_size: 8 -> 4 (it decides which rows each step trains on)", ""),
+        (
+            ("data", "batch_size", 4),
+            "data.batch_size: 8 -> 4 (it decides which rows each step trains on)",
+            "",
+        ),
         (
             ("model", "num_labels", 12),
             "model.num_labels: 10 -> 12 (it decides the head's shape)",
@@ -282,7 +286,9 @@ def test_a_stale_marker_of_a_dead_process_is_taken_over_with_a_warning(tiny_mode
         ),
     ],
 )
-def test_resume_refuses_a_change_of_data_order_or_shapes(no_eval_run, tmp_path, capsys, change, message, hint):
+def test_resume_refuses_a_change_of_data_order_or_shapes(
+    no_eval_run, tmp_path, capsys, change, message, hint
+):
     run = tmp_path / "run"
     shutil.copytree(no_eval_run, run)
     config = json.loads((run / "checkpoint-2" / "training_info.json").read_text())["config"]

@@ -415,3 +415,50 @@ def test_a_trained_classifier_takes_a_new_label_set_with_reinit_head(tiny_model,
     code, out, _ = fit(tmp_path, config, capsys)
     assert code == 0
     assert f"model: the trained head of the classifier in {trained} is loaded and trained further" in out
+
+
+# rough edges: library warnings, a max_steps the epochs cut short
+
+
+@pytest.mark.slow
+def test_a_run_says_when_epochs_cut_max_steps_short_and_leaks_no_library_warnings(
+    tiny_model, demo_data, tmp_path, capsys, recwarn
+):
+    run = tmp_path / "run"
+    config = base_config(tiny_model, demo_data, run)
+    config["data"].update(
+        train_jsonl=str(rows(demo_data, tmp_path / "t.jsonl", 0, 16)), min_pixels=6272, max_pixels=12544
+    )
+    config["training"].update(max_steps=5, save_steps=5)  # 2 steps an epoch, 1 epoch
+    code, out, _ = fit(tmp_path, config, capsys)
+    assert code == 0
+    assert (
+        "training.max_steps: 5, but training.epochs: 1 ends the run at step 2 (2 batches an epoch); raise "
+        "training.epochs to train longer" in out
+    )
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"]
+    leaked = [
+        str(w.message) for w in recwarn if "min_pixels" in str(w.message) or "LeafSpec" in str(w.message)
+    ]
+    assert leaked == []
+    processor = json.loads((run / "checkpoint-2" / "hf_model" / "processor_config.json").read_text())
+    size = processor["image_processor"]["size"]
+    assert (size["shortest_edge"], size["longest_edge"]) == (6272, 12544)  # the bounds a client gets
+
+
+@pytest.mark.slow
+def test_deepspeeds_cpu_fallback_line_is_kept_out(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("DeepSpeed finds the GPU here: it prints no CPU fallback line to keep out")
+    script = "from qwen_cls.console import quiet_library_chatter; quiet_library_chatter(); import deepspeed"
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    loud = subprocess.run(
+        [sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert "Setting accelerator to CPU" in loud.stdout + loud.stderr  # what the filter is for, on this host
+    assert "Setting accelerator to CPU" not in quiet.stdout + quiet.stderr and quiet.returncode == 0

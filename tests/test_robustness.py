@@ -203,8 +203,10 @@ def test_a_crash_while_saving_leaves_earlier_checkpoints_whole_and_resumable(
 ):
     real_write = checkpoint_module.write_info
 
+    crash_at = {"step": 10}
+
     def crash_on_step_10(path, info):
-        if info["step"] == 10:
+        if info["step"] == crash_at["step"]:
             raise OSError(28, "No space left on device")  # the disk fills up in the middle of the save
         real_write(path, info)
 
@@ -212,7 +214,9 @@ def test_a_crash_while_saving_leaves_earlier_checkpoints_whole_and_resumable(
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     path = write_config(tmp_path / "c.yaml", config)
     with pytest.raises(
-        CheckpointError, match="checkpoint-10: writing the checkpoint failed: OSError.*No space left"
+        CheckpointError,
+        match="checkpoint-10: writing the checkpoint failed: OSError.*No space left.*the checkpoints before it are "
+        "complete \\(resume from checkpoint-5 with --ckpt_path last\\)",
     ):
         run_lightning_cli(["fit", "--config", str(path)])
     run = tmp_path / "run"
@@ -223,6 +227,11 @@ def test_a_crash_while_saving_leaves_earlier_checkpoints_whole_and_resumable(
     ).exists()
     with pytest.warns(UserWarning, match="did not finish"):
         assert [p.name for p in list_checkpoints(run)] == ["checkpoint-5"]
+
+    crash_at["step"] = 5  # the first save fails: no earlier checkpoint to speak of
+    config["training"]["output_dir"] = str(tmp_path / "first")
+    with pytest.raises(CheckpointError, match="no checkpoint of this run is complete yet"):
+        run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "first.yaml", config))])
     monkeypatch.undo()
     cli = run_lightning_cli(["fit", "--config", str(path), "--ckpt_path", "last"])
     assert cli.trainer.global_step == 12

@@ -511,6 +511,17 @@ class QwenCheckpoint(ModelCheckpoint):
             self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
         self._finish_writing(trainer)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """A run that ``max_steps`` stopped within an epoch has counted that epoch completed (Lightning's loop
+        ends so); its last checkpoint must say the epoch is in progress, or a resume that extends the run (a
+        larger ``training.max_steps``) would take up the next epoch at this batch and skip the rest of both."""
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if progress and 0 < done < trainer.num_training_batches:
+            for counts in (progress["current"], progress["total"]):
+                if counts["completed"] == counts["started"] > 0:
+                    counts["processed"] = counts["completed"] = counts["started"] - 1
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._writer.close()
 

@@ -462,3 +462,23 @@ def test_deepspeeds_cpu_fallback_line_is_kept_out(tmp_path):
     )
     assert "Setting accelerator to CPU" in loud.stdout + loud.stderr  # what the filter is for, on this host
     assert "Setting accelerator to CPU" not in quiet.stdout + quiet.stderr and quiet.returncode == 0
+
+
+# a case of our own: a run that max_steps ended within an epoch, extended by a resume
+
+
+@pytest.mark.slow
+def test_extending_a_run_that_max_steps_ended_within_an_epoch_trains_both_epochs_whole(
+    tiny_model, demo_data, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    config = base_config(tiny_model, demo_data, run)
+    config["data"]["train_jsonl"] = str(rows(demo_data, tmp_path / "t.jsonl", 0, 64))
+    config["training"].update(epochs=2, max_steps=6, save_steps=4)  # 8 steps an epoch: ends within epoch 0
+    assert fit(tmp_path, config, capsys)[0] == 0
+    config["training"]["max_steps"] = -1  # train on: both epochs
+    assert fit(tmp_path, config, capsys, "--ckpt_path", "last")[0] == 0  # from checkpoint-6, the run's last
+    infos = {p.name: json.loads((p / "training_info.json").read_text()) for p in list_checkpoints(run)}
+    assert list(infos) == ["checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoint-12", "checkpoint-16"]
+    assert (infos["checkpoint-8"]["epoch"], infos["checkpoint-16"]["epoch"]) == (0, 1)  # epoch 0 ended at 8
+    assert infos["checkpoint-16"]["samples_seen"] == 16 * 8 and infos["checkpoint-16"]["final"]

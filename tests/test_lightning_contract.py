@@ -38,12 +38,15 @@ def test_private_lightning_members_we_rely_on_still_exist():
     callback = ModelCheckpoint(every_n_train_steps=1)
     missing += [f"ModelCheckpoint().{name}" for name in INSTANCE if not hasattr(callback, name)]
     loop = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False).fit_loop.epoch_loop
-    for path in ("batch_progress.current.processed", "batch_idx"):  # the data order on resume, error messages
-        target = loop
+    for path in ("batch_progress.current.processed", "batch_progress.current.ready", "batch_idx"):
+        target = loop  # the data order on resume, the epoch in progress at a save, error messages
         for part in path.split("."):
             target = getattr(target, part, None)
         if target is None:
             missing.append(f"trainer.fit_loop.epoch_loop.{path}")
+    progress = Trainer(accelerator="cpu", logger=False).fit_loop.state_dict().get("epoch_progress", {})
+    if set(progress.get("current", {})) != {"ready", "started", "processed", "completed"}:  # set by QwenCheckpoint
+        missing.append("fit_loop.state_dict()['epoch_progress']['current'][ready|started|processed|completed]")
     assert not missing, (
         f"Lightning {lightning.__version__} lacks {', '.join(missing)}: update qwen_cls/checkpoint.py, strategy.py, "
         "data.py or model.py before raising the lightning bound in pyproject.toml"

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import random
+import re
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
@@ -49,6 +50,17 @@ from qwen_cls.strategy import make_adamw, zero_stage_3
 def qwen_model_type(path: str | Path) -> str:
     """``qwen2_5_vl`` or ``qwen2_5_vl_classifier`` for a loadable folder; anything else is a config error."""
     config_file = Path(path) / "config.json"
+    if not Path(path).exists():
+        hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) is not None
+        raise ConfigError(
+            f"model.pretrained_name: {path} is not a folder here"
+            + (
+                "; it looks like a hub id: models are loaded from local folders only (download it first, e.g. "
+                f"`hf download {path} --local-dir DIR`, and give DIR)"
+                if hub_id
+                else ""
+            )
+        )
     if not config_file.is_file():
         raise ConfigError(f"model.pretrained_name: {path} has no config.json; expected a Qwen2.5-VL folder")
     model_type = json.loads(config_file.read_text()).get("model_type", "")

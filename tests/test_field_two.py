@@ -482,3 +482,22 @@ def test_extending_a_run_that_max_steps_ended_within_an_epoch_trains_both_epochs
     assert list(infos) == ["checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoint-12", "checkpoint-16"]
     assert (infos["checkpoint-8"]["epoch"], infos["checkpoint-16"]["epoch"]) == (0, 1)  # epoch 0 ended at 8
     assert infos["checkpoint-16"]["samples_seen"] == 16 * 8 and infos["checkpoint-16"]["final"]
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("Qwen/Qwen2.5-VL-7B-Instruct", True),
+        ("/nowhere/qwen2.5-vl", False),
+    ],
+)
+def test_a_model_that_is_not_a_folder_here_is_one_line(demo_data, tmp_path, capsys, name, hint):
+    config = base_config(Path(name), demo_data, tmp_path / "run")
+    code, _, err = fit(tmp_path, config, capsys)
+    line = f"qwen-cls: error: model.pretrained_name: {name} is not a folder here"
+    if hint:
+        line += (
+            "; it looks like a hub id: models are loaded from local folders only (download it first, e.g. "
+            f"`hf download {name} --local-dir DIR`, and give DIR)"
+        )
+    assert code == 2 and err == line

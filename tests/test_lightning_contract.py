@@ -45,8 +45,15 @@ def test_private_lightning_members_we_rely_on_still_exist():
         if target is None:
             missing.append(f"trainer.fit_loop.epoch_loop.{path}")
     progress = Trainer(accelerator="cpu", logger=False).fit_loop.state_dict().get("epoch_progress", {})
-    if set(progress.get("current", {})) != {"ready", "started", "processed", "completed"}:  # set by QwenCheckpoint
-        missing.append("fit_loop.state_dict()['epoch_progress']['current'][ready|started|processed|completed]")
+    if set(progress.get("current", {})) != {
+        "ready",
+        "started",
+        "processed",
+        "completed",
+    }:  # set by QwenCheckpoint
+        missing.append(
+            "fit_loop.state_dict()['epoch_progress']['current'][ready|started|processed|completed]"
+        )
     assert not missing, (
         f"Lightning {lightning.__version__} lacks {', '.join(missing)}: update qwen_cls/checkpoint.py, strategy.py, "
         "data.py or model.py before raising the lightning bound in pyproject.toml"

@@ -388,6 +388,7 @@ class QwenCLI(LightningCLI):
                 f"ckpt_path: resuming {folder.name} with {'; '.join(refused)}; keep the saved value(s), or start a "
                 f"new run from its hf_model/ (model.pretrained_name{', model.reinit_head: true' if head else ''})"
             )
+        reported = [r for r in reported if r.split(":")[0] not in LINKED]  # said as the key that sets it
         if reported:
             say(
                 f"resuming {folder.name} with changed settings: {'; '.join(reported)} (the optimizer state and the "

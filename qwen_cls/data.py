@@ -354,7 +354,9 @@ class QwenDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         self._resume_skip_batches = state.get("epoch_batches_done", 0)
         saved = state.get("train_rows")  # absent in checkpoints of older versions
-        change = rows_change(saved, self._train_rows_identity()) if saved is not None else None
+        if saved is None or self.trainer is None or self.trainer.state.fn != "fit":  # validate reads no rows
+            return
+        change = rows_change(saved, self._train_rows_identity())
         if change is None:
             return
         if not self.resume_with_changed_rows:
@@ -364,8 +366,9 @@ class QwenDataModule(L.LightningDataModule):
                 "to go on with the new rows"
             )
         say(
-            f"data.resume_with_changed_rows: {change}; the rest of epoch {self.trainer.current_epoch} is drawn from "
-            "a shuffle of the new rows (some trained twice or not at all in it); later epochs are whole"
+            f"data.resume_with_changed_rows: {change}; the rest of the interrupted epoch is drawn from a shuffle "
+            "of the new rows (some trained twice or not at all in it); later epochs are whole, and the run's "
+            "length follows the new rows"
         )
 
     def val_dataloader(self) -> DataLoader:

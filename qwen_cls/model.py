@@ -340,6 +340,19 @@ class QwenClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._new_step_state(self.device)
+        trainer = self.trainer
+        total, step = (
+            int(trainer.estimated_stepping_batches),
+            trainer.global_step,
+        )  # step: restored by a resume
+        if 0 < total < step:  # the rows or the epochs shrank under it: the schedule would run past its end
+            raise ConfigError(
+                f"ckpt_path: the checkpoint is at step {step}, but this run's length is {total} steps "
+                f"(training.epochs x {trainer.num_training_batches} batches an epoch, or training.max_steps); raise "
+                "training.epochs or training.max_steps"
+            )
+        if 0 < total == step:
+            say(f"nothing left to train: the checkpoint is at step {step}, this run's last")
 
     def configure_model(self) -> None:
         """Load weights lazily, once, so strategies (DeepSpeed ZeRO-3) can shape how the model is built."""

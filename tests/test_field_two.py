@@ -75,10 +75,20 @@ def test_resume_on_changed_rows_is_refused_unless_asked_and_a_touched_file_is_no
     )
     assert code == 0
     assert (
-        f"data.resume_with_changed_rows: {train} changed (64 rows then, 80 now); the rest of epoch 0 is drawn "
-        "from a shuffle of the new rows" in out
+        f"data.resume_with_changed_rows: {train} changed (64 rows then, 80 now); the rest of the interrupted "
+        "epoch is drawn from a shuffle of the new rows" in out
     )
     assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "checkpoint-20"  # 2 epochs of 10 steps
+
+    rows(demo_data, train, 0, 16)  # cut to 2 steps an epoch: the run would be past its end at step 6
+    changed = ("--data.resume_with_changed_rows", "true")
+    code, _, line = fit(
+        tmp_path, config, capsys, "--ckpt_path", str(tmp_path / "run" / "checkpoint-6"), *changed
+    )
+    assert code == 2 and line == (
+        "qwen-cls: error: ckpt_path: the checkpoint is at step 6, but this run's length is 4 steps (training.epochs "
+        "x 2 batches an epoch, or training.max_steps); raise training.epochs or training.max_steps"
+    )
 
     # the same rows under another name: the path change is reported, the rows are the same, the resume goes on
     moved = tmp_path / "moved.jsonl"

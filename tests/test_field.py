@@ -329,7 +329,7 @@ def test_resume_reports_a_changed_learning_rate_and_goes_on(no_eval_run, tmp_pat
         if "resuming checkpoint-2 with changed settings: " in x
     )
     assert (
-        "; training.lr: 0.002 -> 0.001;" in line
+        "with changed settings: training.lr: 0.002 -> 0.001;" in line
         and "(the optimizer state and the learning-rate schedule" in line
     )
     assert (run / "checkpoint-4" / "training_info.json").is_file()

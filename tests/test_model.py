@@ -70,8 +70,11 @@ def test_a_folder_that_is_not_qwen2_5_vl_is_a_config_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ConfigError, match="expected a Qwen2.5-VL folder"):
         load_classifier(str(tmp_path), 10)
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match="nowhere is not a folder here$"):
         load_classifier(str(tmp_path / "nowhere"), 10)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_classifier(str(tmp_path / "empty"), 10)
 
 
 def test_num_labels_must_cover_every_dataset():

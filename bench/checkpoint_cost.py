@@ -74,7 +74,7 @@ def one_run(config_path: str, threads: int) -> None:
     """In a child process: fit, timing every save (the loop is blocked for it) and the end-of-fit wait."""
     torch.set_num_threads(threads)
     from qwen_cls.checkpoint import QwenCheckpoint
-    from qwen_cls.cli import run_lightning_cli
+    from qwen_cls.train import run_lightning_cli
 
     stalls: list[float] = []
     end = {"wait": 0.0}

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def one_run(config_path: str) -> None:
     """In a child process: fit, then the parameter counts and the process's peak RSS."""
-    from qwen_cls.cli import run_lightning_cli
+    from qwen_cls.train import run_lightning_cli
 
     net = run_lightning_cli(["fit", "--config", config_path], exit_on_error=False).model.net
     named = list(net.named_parameters())

@@ -42,10 +42,10 @@ from lightning.pytorch import Callback
 from peer_swift import ITS_DEFAULTS, swift_command, swift_dataset, swift_env, swift_sft
 from report import report
 
-from qwen_cls.cli import QwenCLI
 from qwen_cls.console import quiet_library_chatter
 from qwen_cls.data import DEFAULT_PROMPT, QwenDataModule, auto_num_workers
 from qwen_cls.model import QwenClassifier
+from qwen_cls.train import QwenCLI
 
 
 class StepTimer(Callback):

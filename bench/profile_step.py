@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from inputs import demo_inputs
 
-from qwen_cls.cli import run_lightning_cli
+from qwen_cls.train import run_lightning_cli
 
 OWNERS = {"qwen_cls": "/qwen_cls/", "lightning": "/lightning/", "torch": "/torch/", "transformers": "/transformers/",
           "data (PIL, processor, tokenizers)": ("/PIL/", "/tokenizers/", "image_processing", "processing_")}  # fmt: skip

@@ -1,8 +1,9 @@
 """qwen-cls: fine-tune Qwen2.5-VL as an image classifier with PyTorch Lightning.
 
-Importing the package imports :mod:`qwen_cls.modeling` only (torch and transformers), which registers the
-classifier with transformers' Auto classes; the trainer (``QwenClassifier``) and the Python API (``fit``,
-``evaluate``, ``evaluate_all``, ``Predictor``, ``report``) load Lightning on first use.
+Importing the package imports nothing heavy (the command line answers ``--help`` at once). The names below load
+their module on first use: the classifier (:mod:`qwen_cls.modeling`, torch and transformers only; importing it
+registers the classifier with transformers' Auto classes), the trainer (``QwenClassifier``) and the Python API
+(``fit``, ``evaluate``, ``evaluate_all``, ``Predictor``, ``report``).
 """
 
 from __future__ import annotations
@@ -10,20 +11,20 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification
-
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "QwenVLClassifierConfig": "qwen_cls.modeling",
+    "QwenVLForImageClassification": "qwen_cls.modeling",
     "QwenClassifier": "qwen_cls.model",
     "fit": "qwen_cls.api",
     "FitResult": "qwen_cls.api",
-    "evaluate": "qwen_cls.api",
-    "evaluate_all": "qwen_cls.api",
-    "report": "qwen_cls.api",
+    "evaluate": "qwen_cls.commands",
+    "evaluate_all": "qwen_cls.commands",
+    "report": "qwen_cls.commands",
     "Predictor": "qwen_cls.predict",
 }
-__all__ = ["QwenClassifier", "QwenVLClassifierConfig", "QwenVLForImageClassification", *_EXPORTS]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

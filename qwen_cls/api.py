@@ -14,12 +14,11 @@ from typing import Any, NamedTuple
 import yaml
 
 from qwen_cls.checkpoint import list_checkpoints
+from qwen_cls.commands import evaluate, report
+from qwen_cls.commands import evaluate_all as _evaluate_all
 from qwen_cls.console import quiet_library_chatter
 from qwen_cls.errors import ConfigError
-from qwen_cls.evaluation import evaluate
-from qwen_cls.evaluation import evaluate_all as _evaluate_all
 from qwen_cls.model import QwenClassifier
-from qwen_cls.reporting import write_report
 
 __all__ = ["FitResult", "evaluate", "evaluate_all", "fit", "report"]
 
@@ -71,7 +70,7 @@ def fit(config: str | Path | dict | None = None, **overrides: Any) -> FitResult:
         overrides: dotted keys as on the command line (``**{"training.lr": 1e-4}``) or nested dicts
             (``training={"lr": 1e-4}``).
     """
-    from qwen_cls.cli import run_lightning_cli
+    from qwen_cls.train import run_lightning_cli
 
     args = cli_args(config, overrides)
     argv, sys.argv = sys.argv, sys.argv[:1]  # a Jupyter kernel's own arguments are not ours
@@ -86,8 +85,3 @@ def evaluate_all(run_dir: str | Path, eval_data: str | Path, **kwargs: Any) -> l
     """``qwen-cls evaluate-all RUN_DIR --eval_data FILE``: one dict per checkpoint, in step order (keyword
     arguments as :func:`qwen_cls.evaluation.evaluate_all`)."""
     return _evaluate_all(str(run_dir), eval_data=str(eval_data), **kwargs)
-
-
-def report(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """``qwen-cls report RUN_DIR``: the Markdown page's path."""
-    return write_report(str(run_dir), None if output is None else str(output))

@@ -151,9 +151,9 @@ def fit_and_save_logits(config: str, rows: str, out: str) -> None:
     by every rank (under ZeRO-3 each forward gathers the partitions) and saved by rank 0 with the batch."""
     import torch
 
-    from qwen_cls.cli import run_lightning_cli
     from qwen_cls.data import ImageRowsDataset
     from qwen_cls.rows import read_rows
+    from qwen_cls.train import run_lightning_cli
 
     cli = run_lightning_cli(["fit", "--config", config])
     dataset = ImageRowsDataset(read_rows(rows, cli.datamodule.dataset_configs))

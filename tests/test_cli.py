@@ -11,10 +11,11 @@ import sys
 import pytest
 import yaml
 
-from qwen_cls.cli import QwenCLI, main
+from qwen_cls.cli import main
 from qwen_cls.data import QwenDataModule
 from qwen_cls.model import QwenClassifier
 from qwen_cls.strategy import deepspeed_kwargs
+from qwen_cls.train import QwenCLI
 from tests.helpers import REPO, base_config, run_main, write_config
 
 
@@ -24,11 +25,28 @@ def qwen_cls(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
     )
 
 
-def test_help_lists_every_command(capsys):
+def test_help_lists_every_command_and_each_commands_help_runs(capsys):
+    from qwen_cls.commands import COMMANDS
+
     code, out, _ = run_main(capsys, "--help")
     assert code == 0
-    for command in ("fit", "validate", "evaluate", "make-tiny", "demo-data"):
-        assert f"  {command}" in out
+    assert [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()] == list(COMMANDS)
+    for name in ("fit", "validate"):  # LightningCLI's
+        code, out, _ = run_main(capsys, name, "--help")
+        assert code == 0 and "--config CONFIG" in out and "--training.skip_evaluation" in out
+    # the tools' help, --help and --version in a fresh interpreter: nothing heavy is imported for them
+    tools = [name for name, command in COMMANDS.items() if command.function is not None]
+    script = (
+        "import sys\nfrom qwen_cls.cli import main\n"
+        f"for args in [['--help'], ['--version'], *[[t, '--help'] for t in {tools!r}]]:\n"
+        "    try:\n        main(args)\n    except SystemExit as e:\n        assert not e.code, (args, e.code)\n"
+        "print('heavy:', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'transformers'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in tools:
+        assert f"usage: qwen-cls {name} " in done.stdout
+    assert done.stdout.splitlines()[-1] == "heavy: []"
 
 
 def test_reference_configs_parse(capsys):
@@ -185,7 +203,7 @@ def test_progress_outside_a_terminal_is_plain_lines(tiny_model, demo_data, tmp_p
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     config["training"].update(max_steps=4, save_steps=4, logging_steps=2)
     config["trainer"].pop("enable_progress_bar")
-    from qwen_cls.cli import run_lightning_cli
+    from qwen_cls.train import run_lightning_cli
 
     run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", config))])
     out = capsys.readouterr().out

@@ -13,11 +13,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from qwen_cls.cli import main, run_lightning_cli
+from qwen_cls.cli import main
 from qwen_cls.config import DatasetConfig
 from qwen_cls.data import eval_subset
 from qwen_cls.evaluation import evaluate, evaluate_all
 from qwen_cls.rows import read_rows
+from qwen_cls.train import run_lightning_cli
 from tests.helpers import REPO, base_config, run_log, start_qwen_cls, write_config
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from qwen_cls.checkpoint import list_checkpoints
-from qwen_cls.cli import run_lightning_cli
 from qwen_cls.evaluation import evaluate
 from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
+from qwen_cls.train import run_lightning_cli
 from tests.helpers import base_config, run_log, write_config
 
 pytestmark = pytest.mark.slow

@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
-from qwen_cls.cli import main, run_lightning_cli
+from qwen_cls.cli import main
 from qwen_cls.evaluation import evaluate
 from qwen_cls.export import export
 from qwen_cls.model import load_classifier
 from qwen_cls.rows import read_rows
+from qwen_cls.train import run_lightning_cli
 from tests.helpers import REPO, base_config, child_env, losses_by_step, run_log, write_config
 
 LORA = {"enabled": True, "r": 8, "alpha": 16.0, "dropout": 0.0}

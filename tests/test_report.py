@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qwen_cls.cli import run_lightning_cli
 from qwen_cls.evaluation import evaluate_all
 from qwen_cls.reporting import write_report
+from qwen_cls.train import run_lightning_cli
 from tests.helpers import base_config, run_log, write_config
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen_cls.cli import run_lightning_cli
 from qwen_cls.errors import ConfigError
 from qwen_cls.model import choose_attention
+from qwen_cls.train import run_lightning_cli
 from tests.helpers import REPO, base_config, child_env, run_log, write_config
 
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from qwen_cls.cli import run_lightning_cli
 from qwen_cls.data import auto_num_workers
+from qwen_cls.train import run_lightning_cli
 from tests.helpers import REPO, STEP, base_config, write_config
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")

@@ -184,16 +184,7 @@ def evaluate(
     batch_size: int | None = None,
     output: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint and print a table.
-
-    Args:
-        checkpoint_path: a ``checkpoint-<step>`` folder (its ``hf_model/``, else its ``deepspeed/`` state), or a
-            run's output_dir (its newest complete checkpoint).
-        eval_data: JSONL file of image–label rows.
-        config_path: the training YAML; default: the config stored in the checkpoint's training_info.json.
-        batch_size: evaluation batch size (default: the config's).
-        output: also write the metrics to this JSON file.
-    """
+    """Evaluate one checkpoint and print a table (``qwen-cls evaluate``; the parameters: :func:`qwen_cls.commands.evaluate`)."""
     checkpoint = resolve_checkpoint(checkpoint_path)
     setup = read_setup(checkpoint, config_path)
     datamodule = make_datamodule(setup, eval_data, _processor_path(checkpoint, setup), batch_size)
@@ -221,23 +212,8 @@ def evaluate_all(
     wait_for_run: bool = False,
     wandb: bool = True,
 ) -> list[dict[str, Any]]:
-    """Evaluate every complete checkpoint of a run, rank them, plot them and name the best.
-
-    Args:
-        run_dir: the run's output_dir (its ``checkpoint-<step>`` folders).
-        eval_data: JSONL file of image–label rows.
-        output_dir: where eval_all.csv, eval_all.png and best_checkpoint.json go (default: run_dir).
-        config_path: the training YAML; default: the config stored in the checkpoints.
-        batch_size: evaluation batch size (default: the config's).
-        watch: keep polling run_dir and evaluate each new checkpoint until the run's final one is done, or
-            until the run has stopped without it (stopped by a signal, or no live fit holds the folder for
-            ``stale_after`` seconds).
-        poll_seconds: how often to look for new checkpoints when watching.
-        timeout: stop watching after this many seconds.
-        stale_after: seconds without a live fit in run_dir (and no final checkpoint) after which watching stops.
-        wait_for_run: with ``watch``, wait for a run to start in run_dir when it is not a run folder (yet).
-        wandb: when the run logged to W&B, also log the results into its history against the training step.
-    """
+    """Evaluate every complete checkpoint of a run, rank them, plot them and name the best (``qwen-cls
+    evaluate-all``; the parameters: :func:`qwen_cls.commands.evaluate_all`)."""
     run, out = Path(run_dir), Path(output_dir or run_dir)
     if not watch and not (run.is_dir() and list_checkpoints(run)):
         raise ConfigError(f"run_dir: {run} holds no complete checkpoint")

@@ -28,17 +28,8 @@ def export(
     output: str | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
 ) -> Path:
-    """Rebuild ``hf_model/`` (config, safetensors, processor) from a checkpoint's ``deepspeed/`` shards; for a
-    checkpoint without shards, or a LoRA one (whose shards hold only what trained), a copy of its merged
-    ``hf_model/`` at ``output`` (in ``dtype``).
-
-    Args:
-        checkpoint_path: a ``checkpoint-<step>`` folder whose ``deepspeed/`` holds a DeepSpeed state (or that
-            has ``hf_model/``).
-        output: where to write; default: the checkpoint's own ``hf_model/`` (which must not exist yet).
-        dtype: ``auto`` (the training precision's: bfloat16 for a bf16 run, else float32), ``float32``,
-            ``bfloat16`` or ``float16``.
-    """
+    """``hf_model/`` rebuilt from a checkpoint's shards, or a copy of it in another dtype (``qwen-cls export``; the
+    parameters: :func:`qwen_cls.commands.export`)."""
     checkpoint = Path(checkpoint_path)
     info_file = checkpoint / INFO_FILE
     shards = (checkpoint / STATE_DIR / "latest").is_file()

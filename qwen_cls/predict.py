@@ -75,9 +75,8 @@ class Predictor:
         self, images: Image.Image | str | Path | Iterable[Image.Image | str | Path], top_k: int = 5,
         dataset: str | None = None,
     ) -> list[dict[str, Any]]:  # fmt: skip
-        """One dict per image, in order: ``labels`` (names from ``id2label``), ``indices`` and
-        ``probabilities`` of the top ``top_k`` classes; an image that cannot be read gets ``error`` instead.
-        ``dataset`` picks the prompt and class range of a multi-dataset model."""
+        """Top-k labels of images as JSON lines (``qwen-cls predict``; the parameters and exit status:
+        :func:`qwen_cls.commands.predict`). Returns the number of unreadable images."""
         if isinstance(images, Image.Image | str | Path):
             images = [images]
         items = [(img, self._dataset_idx(dataset)) for img in images]

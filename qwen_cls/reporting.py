@@ -91,12 +91,7 @@ def _medians(rows: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, f
 
 
 def write_report(run_dir: str, output: str | None = None) -> Path:
-    """Write a Markdown report of a run, with its training curves redrawn from the log beside it.
-
-    Args:
-        run_dir: the run's output_dir.
-        output: the Markdown file (default: RUN_DIR/report.md); the images are linked relative to it.
-    """
+    """A Markdown report of a run (``qwen-cls report``; the parameters: :func:`qwen_cls.commands.report`)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"run_dir: {run} is not a folder")

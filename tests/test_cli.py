@@ -47,6 +47,10 @@ def test_help_lists_every_command_and_each_commands_help_runs(capsys):
     for name in tools:
         assert f"usage: qwen-cls {name} " in done.stdout
     assert done.stdout.splitlines()[-1] == "heavy: []"
+    code, _, err = run_main(capsys, "trian", "--config", "x.yaml")
+    assert code == 2 and err.strip() == (
+        f"qwen-cls: error: 'trian' is not a command; choose one of {', '.join(COMMANDS)} (qwen-cls --help)"
+    )
 
 
 def test_reference_configs_parse(capsys):

@@ -22,11 +22,12 @@ from safetensors.torch import load_file
 
 import qwen_cls.checkpoint as checkpoint_module
 from qwen_cls.checkpoint import RUNNING_FILE, replace_folder, restore_set_aside, run_status
-from qwen_cls.cli import main, run_lightning_cli
+from qwen_cls.cli import main
 from qwen_cls.data import to_rgb
 from qwen_cls.policy import resume_changes
 from qwen_cls.predict import predict
 from qwen_cls.reporting import write_report
+from qwen_cls.train import run_lightning_cli
 from tests.helpers import REPO, base_config, child_env, losses_by_step, write_config
 
 HEX = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as in the Hugging Face cache

@@ -16,7 +16,7 @@ import yaml
 from inputs import demo_inputs
 from report import report
 
-from qwen_cls.checkpoint import list_checkpoints
+from qwen_cls.run_dir import list_checkpoints
 
 
 def timed(args: list[str]) -> float:

@@ -13,12 +13,12 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from qwen_cls.checkpoint import list_checkpoints
 from qwen_cls.commands import evaluate, report
 from qwen_cls.commands import evaluate_all as _evaluate_all
 from qwen_cls.console import quiet_library_chatter
 from qwen_cls.errors import ConfigError
 from qwen_cls.model import QwenClassifier
+from qwen_cls.run_dir import list_checkpoints
 
 __all__ = ["FitResult", "evaluate", "evaluate_all", "fit", "report"]
 

@@ -14,14 +14,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import pickle
 import shutil
-import socket
 import time
-import uuid
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +35,23 @@ from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
 from qwen_cls.flops import describe_device
 from qwen_cls.lora import ADAPTER_DIR, adapter_items, merged_items, scaling, write_adapter
+from qwen_cls.run_dir import (
+    CHECKPOINT_PREFIX,
+    HF_DIR,
+    INFO_FILE,
+    STATE_DIR,
+    BestRecord,
+    CheckpointInfo,
+    checkpoint_step,
+    drop_state,
+    has_state,
+    library_versions,
+    replace_folder,
+    resume_state_path,
+    scan_checkpoints,
+    write_best,
+    write_info,
+)
 from qwen_cls.saving import (
     BackgroundWriter,
     HostCheckpointIO,
@@ -48,133 +61,6 @@ from qwen_cls.saving import (
     wait_for_ranks,
 )
 from qwen_cls.strategy import gathered_state_dict, load_into_partitions, zero_stage_3
-
-CHECKPOINT_PREFIX = "checkpoint-"
-INFO_FILE = "training_info.json"
-STATE_DIR = "deepspeed"
-STATE_FILE = "state.ckpt"
-HF_DIR = "hf_model"
-BEST_FILE = "best_checkpoint.json"
-RUNNING_FILE = ".qwen-cls-running.json"  # while a fit runs: its pid and host, for `qwen-cls report`
-_VERSIONED = ("torch", "lightning", "transformers", "deepspeed", "qwen-cls")
-
-
-RUN_ID_ENV = "QWEN_CLS_RUN_ID"  # inherited by the processes Lightning starts for the other ranks
-
-
-def _marker_owner(marker: Path) -> dict | None:
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(owner: dict) -> bool:
-    """Whether the marker's process runs (on another host it cannot be told, so it counts as running)."""
-    if owner.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(owner["pid"]), 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-
-
-def describe_owner(owner: dict) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
-    return f"pid {owner.get('pid')} on {owner.get('host')}, started {started}"
-
-
-def refuse_if_running(output_dir: str | Path) -> None:
-    """One line naming the other ``fit`` that trains into ``output_dir`` (its own processes excepted)."""
-    marker = Path(output_dir) / RUNNING_FILE
-    owner = _marker_owner(marker) if marker.is_file() else None
-    if owner is None or owner.get("run_id") == os.environ.get(RUN_ID_ENV) or not _alive(owner):
-        return
-    elsewhere = owner.get("host") != socket.gethostname()
-    raise ConfigError(
-        f"training.output_dir: {output_dir} is being trained by another qwen-cls fit ({describe_owner(owner)}); "
-        "wait for it, stop it, or choose another output_dir"
-        + (f" (if that run is gone, delete {marker})" if elsewhere else "")
-    )
-
-
-@contextlib.contextmanager
-def marked_running(output_dir: str | Path, write: bool):
-    """Claim ``output_dir`` for this run until the block ends, however it ends. The marker is created
-    atomically, so of two runs started at once one is refused; a marker whose process is gone (on this
-    host) is taken over with a warning, and ``report`` reads a leftover one as a killed run."""
-    marker = Path(output_dir) / RUNNING_FILE
-    inherited = os.environ.get(RUN_ID_ENV)  # set when Lightning started this process as another rank
-    run_id = os.environ[RUN_ID_ENV] = inherited or uuid.uuid4().hex
-    if write:
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "run_id": run_id}
-        try:
-            with marker.open("x") as fh:
-                fh.write(json.dumps(owner))
-        except FileExistsError:
-            refuse_if_running(output_dir)
-            old = _marker_owner(marker) or {}
-            if old.get("run_id") != run_id:
-                rank_zero_warn(f"{output_dir}: taking over from a run that is gone ({describe_owner(old)})")
-            marker.write_text(json.dumps(owner))
-    try:
-        yield
-    finally:
-        if write and (_marker_owner(marker) or {}).get("run_id") == run_id:
-            marker.unlink(missing_ok=True)
-        if inherited is None:  # the next run in this process (a notebook, a sweep) is another run
-            os.environ.pop(RUN_ID_ENV, None)
-
-
-def live_owner(output_dir: str | Path) -> dict | None:
-    """The running ``fit`` that holds ``output_dir`` (pid, host, start), or None when none does."""
-    marker = Path(output_dir) / RUNNING_FILE
-    owner = _marker_owner(marker) if marker.is_file() else None
-    return owner if owner is not None and _alive(owner) else None
-
-
-def run_status(output_dir: str | Path, checkpoints: list[Path]) -> str:
-    """``finished``, ``in progress``, ``stopped by SIGTERM`` (or SIGINT; a checkpoint of the step it stopped
-    at was saved) or ``stopped`` (killed or crashed before its final checkpoint)."""
-    last = read_info(checkpoints[-1]) if checkpoints else {}
-    if last.get("final"):
-        return "finished"
-    owner = live_owner(output_dir)
-    if owner is not None:
-        elsewhere = owner.get("host") != socket.gethostname()
-        return f"in progress on {owner['host']} (or killed there)" if elsewhere else "in progress"
-    if last.get("stopped_by"):
-        return f"stopped by {last['stopped_by']}"
-    return "stopped"
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a ``checkpoint-<step>`` folder, or None for anything else."""
-    suffix = path.name[len(CHECKPOINT_PREFIX) :]
-    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
-
-
-def is_complete(path: Path) -> bool:
-    return (path / INFO_FILE).is_file() and (path / HF_DIR).is_dir()
-
-
-def has_state(path: Path) -> bool:
-    """Whether a checkpoint keeps its resumable state (``training.keep_state_last_n`` drops older ones)."""
-    return (path / STATE_DIR).is_dir()
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -192,36 +78,6 @@ def save_dtype(choice: str, precision: str) -> torch.dtype | None:
     if choice == "auto":
         return torch.bfloat16 if precision.startswith("bf16") else None
     return DTYPES[choice]
-
-
-def scan_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Complete checkpoint folders of a run in step order, and the incomplete ones with what is wrong."""
-    found, incomplete = [], []
-    for leftover in sorted(Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*.tmp")):
-        incomplete.append((leftover, "the temporary folder of a save that did not finish"))
-    for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
-        step = checkpoint_step(path)
-        if step is None or not path.is_dir():
-            continue
-        if not is_complete(path):
-            missing = [n for n in (INFO_FILE, HF_DIR) if not (path / n).exists()]
-            why = f"incomplete checkpoint folder (no {', '.join(missing)})"
-            if missing == [HF_DIR] and (path / STATE_DIR / "latest").is_file():
-                why += (
-                    f"; rebuild it from the DeepSpeed shards with: qwen-cls export --checkpoint_path {path}"
-                )
-            incomplete.append((path, why))
-            continue
-        found.append((step, path))
-    return [p for _, p in sorted(found)], incomplete
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run, in step order; incomplete ones are skipped with a warning."""
-    complete, incomplete = scan_checkpoints(output_dir)
-    for path, why in incomplete:
-        rank_zero_warn(f"skipping {path}: {why}")
-    return complete
 
 
 def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> tuple[int, int]:
@@ -270,114 +126,6 @@ def zero_weights(checkpoint: str | Path) -> dict[str, Any]:
     return {k.removeprefix("net."): v for k, v in names.items() if k.startswith("net.")}
 
 
-ASIDE_SUFFIX = ".replaced"
-
-
-def replace_folder(new: Path, final: Path) -> None:
-    """``new`` becomes ``final``; an existing ``final`` (a step saved again after resuming from an earlier
-    checkpoint) is renamed aside first and deleted last, so a kill at any moment leaves one whole copy."""
-    if not final.exists():
-        os.replace(new, final)
-        return
-    aside = final.parent / f".{final.name}{ASIDE_SUFFIX}"
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(final, aside)
-    os.replace(new, final)
-    shutil.rmtree(aside)
-
-
-def restore_set_aside(output_dir: str | Path) -> list[Path]:
-    """Put back a checkpoint that a kill caught set aside by :func:`replace_folder` (its replacement never
-    arrived); drop one whose replacement did. Returns the folders restored."""
-    restored = []
-    for aside in Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*{ASIDE_SUFFIX}"):
-        final = aside.parent / aside.name[1 : -len(ASIDE_SUFFIX)]
-        try:
-            if final.exists():
-                shutil.rmtree(aside)
-            else:
-                os.replace(aside, final)
-                restored.append(final)
-        except OSError:  # another rank of the same run did it first
-            continue
-    return restored
-
-
-# What a run leaves in its output_dir besides its checkpoint folders, written by: evaluate-all (eval_all.*,
-# best_checkpoint.json), the final evaluation (eval_final.json), report, RunPlots (plots/) and the CSV logger
-# (logs/). An overwritten run takes all of them along. Not wandb/: each W&B run is a folder of its own there,
-# read by no tool as another run's, and an offline one may not have been uploaded yet.
-RUN_RECORDS = ("eval_all.csv", "eval_all.png", BEST_FILE, "eval_final.json", "report.md", "plots", "logs")
-OVERWRITTEN_PREFIX = ".qwen-cls-overwritten-"
-
-
-def remove_previous_run(output_dir: str | Path) -> list[str]:
-    """Everything of an earlier run in ``output_dir`` (checkpoints, leftovers of saves, :data:`RUN_RECORDS`),
-    so that the tools never read its numbers as the new run's. Each entry is first renamed into one hidden
-    folder, which is then deleted: a kill midway leaves the old run set aside there (deleted at the next
-    start), never mixed with the new one. Returns what went, for the user."""
-    output_dir = Path(output_dir)
-    checkpoints = sorted(
-        (p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None),
-        key=checkpoint_step,
-    )
-    leftovers = [*output_dir.glob(f".{CHECKPOINT_PREFIX}*")]
-    records = [output_dir / name for name in RUN_RECORDS if (output_dir / name).exists()]
-    if not (checkpoints or leftovers or records):
-        return []
-    named = [p.name + ("/" if p.is_dir() else "") for p in records]
-    aside = output_dir / f"{OVERWRITTEN_PREFIX}{uuid.uuid4().hex[:8]}"
-    aside.mkdir()
-    for path in [*checkpoints, *leftovers, *records]:
-        os.replace(path, aside / path.name)
-    shutil.rmtree(aside)
-    went = []
-    if checkpoints:
-        span = checkpoints[0].name + (f"..{checkpoints[-1].name}" if len(checkpoints) > 1 else "")
-        went.append(f"{len(checkpoints)} checkpoint{'s' * (len(checkpoints) > 1)} ({span})")
-    if leftovers:
-        went.append(f"{len(leftovers)} unfinished save{'s' * (len(leftovers) > 1)}")
-    return went + named
-
-
-def drop_overwritten(output_dir: str | Path) -> None:
-    """Delete what a kill left of :func:`remove_previous_run`: an old run set aside, never to be read."""
-    for aside in Path(output_dir).glob(f"{OVERWRITTEN_PREFIX}*"):
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def resume_state_path(checkpoint: str | Path, deepspeed: bool) -> str:
-    """What ``Trainer.fit(ckpt_path=...)`` needs for a checkpoint folder: DeepSpeed's directory, or the file."""
-    state = Path(checkpoint) / STATE_DIR
-    return str(state if deepspeed else state / STATE_FILE)
-
-
-def write_info(path: Path, info: dict[str, Any]) -> None:
-    path.write_text(json.dumps(info, indent=2, default=str) + "\n")
-
-
-def read_info(checkpoint: str | Path) -> dict[str, Any]:
-    """A checkpoint's ``training_info.json`` (the one reader: evaluation, export, predict, report, resume)."""
-    path = Path(checkpoint) / INFO_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; is {Path(checkpoint).name} a checkpoint folder?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e}); the checkpoint's save did not finish") from None
-
-
-def write_best(folder: str | Path, record: dict[str, Any]) -> None:
-    """``best_checkpoint.json``: written by training's best-model tracking and by ``evaluate-all``."""
-    (Path(folder) / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def read_best(folder: str | Path) -> dict[str, Any]:
-    """The run's ``best_checkpoint.json``, or ``{}`` when there is none."""
-    path = Path(folder) / BEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def write_hf_model(path: Path, net: Any, weights: dict[str, torch.Tensor] | None, dtype, processor) -> None:
     """``save_pretrained`` of the classifier (with ``weights`` when given) and of the processor."""
     net.save_pretrained(path, state_dict=weights)
@@ -387,16 +135,6 @@ def write_hf_model(path: Path, net: Any, weights: dict[str, torch.Tensor] | None
         (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if processor is not None:
         processor.save_pretrained(path)
-
-
-def drop_state(checkpoint: Path) -> None:
-    """Delete a checkpoint's resumable state; renamed away first, so a kill midway never leaves a partial
-    state that looks resumable."""
-    state, doomed = checkpoint / STATE_DIR, checkpoint / f".{STATE_DIR}.deleting"
-    shutil.rmtree(doomed, ignore_errors=True)
-    if state.is_dir():
-        os.replace(state, doomed)
-        shutil.rmtree(doomed)
 
 
 class QwenCheckpoint(ModelCheckpoint):
@@ -691,17 +429,17 @@ class QwenCheckpoint(ModelCheckpoint):
             str(latest.parent / name) for name in stateless
         ]
 
-    def _best_record(self) -> dict[str, Any] | None:
+    def _best_record(self) -> BestRecord | None:
         if not (self.monitor and self.best_model_path):
             return None
         best = Path(self.best_model_path)
-        return {
-            "checkpoint": best.name,
-            "step": checkpoint_step(best),
-            "metric": self.monitor.removeprefix("eval/"),
-            "mode": self.mode,
-            "value": float(self.best_model_score),
-        }
+        return BestRecord(
+            checkpoint=best.name,
+            step=checkpoint_step(best),
+            metric=self.monitor.removeprefix("eval/"),
+            mode=self.mode,
+            value=float(self.best_model_score),
+        )
 
     def _check_best_metric_has_rows(self, trainer: L.Trainer) -> None:
         """Before step 1: a best-model metric of one dataset needs validation rows of that dataset, or the
@@ -771,35 +509,35 @@ class QwenCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and Path(filepath).is_dir():
             shutil.rmtree(filepath)
 
-    def _info(self, trainer: L.Trainer, train_loss: float | None) -> dict[str, Any]:
+    def _info(self, trainer: L.Trainer, train_loss: float | None) -> CheckpointInfo:
         module = trainer.lightning_module
-        info = {
-            "step": trainer.global_step,
-            "epoch": trainer.current_epoch,
-            "samples_seen": module.samples_seen,
-            "skipped_steps": module.skipped_steps,
-            "skipped_images": module.skipped_images,
-            "train_loss": train_loss,
-            "learning_rate": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
-            "elapsed_seconds": round(self._elapsed_at_save, 3),
-            "final": not self.stopped_by
+        info = CheckpointInfo(
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            samples_seen=module.samples_seen,
+            skipped_steps=module.skipped_steps,
+            skipped_images=module.skipped_images,
+            train_loss=train_loss,
+            learning_rate=trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
+            elapsed_seconds=round(self._elapsed_at_save, 3),
+            final=not self.stopped_by
             and (self._at_train_end or trainer.global_step >= trainer.estimated_stepping_batches),
-            "stopped_by": self.stopped_by,
-            "total_steps": int(trainer.estimated_stepping_batches),
-            "world_size": trainer.world_size,
-            "device": describe_device(module.device),
-            "strategy": type(trainer.strategy).__name__,
-            "precision": str(trainer.precision),
-            "hf_model_dtype": str(self._dtype or next(module.net.parameters()).dtype).removeprefix("torch."),
-            "versions": library_versions(),
+            stopped_by=self.stopped_by,
+            total_steps=int(trainer.estimated_stepping_batches),
+            world_size=trainer.world_size,
+            device=describe_device(module.device),
+            strategy=type(trainer.strategy).__name__,
+            precision=str(trainer.precision),
+            hf_model_dtype=str(self._dtype or next(module.net.parameters()).dtype).removeprefix("torch."),
+            versions=library_versions(),
             **self.run_info,
-        }
+        )
         if module.last_eval_step == trainer.global_step and module.last_eval_metrics:
-            info["eval_metrics"] = module.last_eval_metrics
+            info.eval_metrics = dict(module.last_eval_metrics)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
-                info["wandb"] = {
+                info.wandb = {
                     "id": run.id,
                     "project": run.project,
                     "entity": run.entity,

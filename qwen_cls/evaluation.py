@@ -21,21 +21,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from qwen_cls.checkpoint import (
-    CHECKPOINT_PREFIX,
-    HF_DIR,
-    INFO_FILE,
-    STATE_DIR,
-    STATE_FILE,
-    checkpoint_step,
-    describe_owner,
-    list_checkpoints,
-    live_owner,
-    read_info,
-    refuse_unsafe_checkpoint,
-    scan_checkpoints,
-    write_best,
-)
+from qwen_cls.checkpoint import refuse_unsafe_checkpoint
 from qwen_cls.config import DatasetConfig
 from qwen_cls.console import say
 from qwen_cls.data import QwenDataModule
@@ -43,6 +29,25 @@ from qwen_cls.errors import ConfigError
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import wandb_mode
+from qwen_cls.run_dir import (
+    CHECKPOINT_PREFIX,
+    CSV_FILE,
+    HF_DIR,
+    INFO_FILE,
+    PLOT_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    BestRecord,
+    CheckpointInfo,
+    best_row,
+    checkpoint_step,
+    describe_owner,
+    list_checkpoints,
+    live_owner,
+    read_info,
+    scan_checkpoints,
+    write_best,
+)
 
 DATA_KEYS = (
     "batch_size",
@@ -54,8 +59,6 @@ DATA_KEYS = (
     "check_images",
     "index_cache_dir",
 )
-CSV_FILE = "eval_all.csv"
-PLOT_FILE = "eval_all.png"
 
 
 @dataclass
@@ -83,7 +86,7 @@ def read_setup(checkpoint: Path, config_path: str | None) -> EvalSetup:
         info = checkpoint / INFO_FILE
         if not info.is_file():
             raise ConfigError(f"--checkpoint_path: {checkpoint} has no {INFO_FILE}; pass --config_path")
-        cfg = read_info(checkpoint)["config"]
+        cfg = read_info(checkpoint).config
     model, data, best = (dict(cfg.get(k) or {}) for k in ("model", "data", "best_model_tracking"))
     if "num_labels" not in model:
         raise ConfigError("model.num_labels: missing from the config")
@@ -238,11 +241,11 @@ def evaluate_all(
             metrics = _validate(trainer, load_module(ckpt, setup), datamodule)
             rows.append({"step": checkpoint_step(ckpt), "checkpoint": ckpt.name, **metrics})
             say(f"{ckpt.name}: {setup.best_metric} = {metrics.get(setup.best_metric, float('nan')):.4f}")
-            finished = finished or bool(info.get("final"))
+            finished = finished or info.final
             _write_results(
                 out, run, rows, setup, eval_data
             )  # before any logger: a result is never lost to one
-            if wandb and info.get("wandb") and logger is not False:
+            if wandb and info.wandb and logger is not False:
                 logger = logger or _WandbHistory.start(info)
                 if logger and not logger.log(rows[-1]["step"], metrics):
                     logger = False
@@ -287,7 +290,7 @@ class _Watch:
         owner = live_owner(self.run) if self.run.is_dir() else None
         complete = scan_checkpoints(self.run)[0] if self.run.is_dir() else []  # the loop warned of the others
         newest = complete[-1] if complete else None
-        stopped_by = read_info(newest).get("stopped_by") if newest is not None else None
+        stopped_by = read_info(newest).stopped_by if newest is not None else None
         if owner is not None:
             self.seen_alive = now
         elif stopped_by:
@@ -314,14 +317,6 @@ class _Watch:
         return False
 
 
-def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
-    scored = [r for r in rows if metric in r]
-    if not scored:
-        raise ConfigError(f"best_model_tracking.metric: no checkpoint has {metric!r}")
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda r: r[metric])
-
-
 def _write_results(
     out: Path, run: Path, rows: list[dict[str, Any]], setup: EvalSetup, eval_data: str
 ) -> None:
@@ -333,15 +328,15 @@ def _write_results(
         writer.writeheader()
         writer.writerows(rows)
     best = best_row(rows, setup.best_metric, setup.best_mode)
-    record = {
-        "checkpoint": best["checkpoint"],
-        "step": best["step"],
-        "metric": setup.best_metric,
-        "mode": setup.best_mode,
-        "value": best[setup.best_metric],
-        "eval_data": str(eval_data),
-        "source": "evaluate-all",
-    }
+    record = BestRecord(
+        checkpoint=best["checkpoint"],
+        step=best["step"],
+        metric=setup.best_metric,
+        mode=setup.best_mode,
+        value=best[setup.best_metric],
+        source="evaluate-all",
+        eval_data=str(eval_data),
+    )
     write_best(out, record)
     _plot(out / PLOT_FILE, run.name, rows, list(setup.datasets), {**best, "metric_name": setup.best_metric})
 
@@ -393,12 +388,12 @@ class _WandbHistory:
         self.run = run
 
     @classmethod
-    def start(cls, info: dict[str, Any]) -> _WandbHistory | bool:
+    def start(cls, info: CheckpointInfo) -> _WandbHistory | bool:
         """The training run's W&B run resumed (offline when W&B cannot be reached), or False."""
         import wandb
 
-        run = info["wandb"]
-        timeout = float(((info.get("config") or {}).get("wandb") or {}).get("start_timeout") or 10.0)
+        run = info.wandb
+        timeout = float(info.section("wandb").get("start_timeout") or 10.0)
         try:
             handle = wandb.init(
                 id=run["id"],

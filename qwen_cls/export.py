@@ -16,11 +16,12 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from qwen_cls.checkpoint import DTYPES, HF_DIR, INFO_FILE, STATE_DIR, read_info, training_dtype, zero_weights
+from qwen_cls.checkpoint import DTYPES, training_dtype, zero_weights
 from qwen_cls.console import say
 from qwen_cls.data import load_processor
 from qwen_cls.errors import ConfigError
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
+from qwen_cls.run_dir import HF_DIR, INFO_FILE, STATE_DIR, read_info
 
 
 def export(
@@ -40,7 +41,7 @@ def export(
         )
     info = read_info(checkpoint)
     if dtype == "auto":
-        dtype = training_dtype(str(info.get("precision", "32")))
+        dtype = training_dtype(info.precision or "32")
     target = Path(output) if output else checkpoint / HF_DIR
     if target.exists() and not target.is_dir():
         raise ConfigError(f"--output: {target} is a file; give a folder to write the model into")
@@ -50,14 +51,14 @@ def export(
         )
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    lora = (((info.get("config") or {}).get("model") or {}).get("lora") or {}).get("enabled")
+    lora = (info.section("model").get("lora") or {}).get("enabled")
     if shards and lora and not (checkpoint / HF_DIR).is_dir():
         raise ConfigError(
             f"--checkpoint_path: {checkpoint} is a LoRA checkpoint whose hf_model/ (the merged model) is missing; "
             f"its {STATE_DIR}/ holds only what trained (adapters and head), not the model"
         )
     if shards and not lora:
-        count = _from_shards(checkpoint, info["config"], DTYPES[dtype], tmp)
+        count = _from_shards(checkpoint, info.config, DTYPES[dtype], tmp)
     else:  # no shards (a state not kept, one device's Lightning state) or LoRA: hf_model/ holds the model
         model = QwenVLForImageClassification.from_pretrained(checkpoint / HF_DIR, dtype=DTYPES[dtype])
         count = sum(p.numel() for p in model.parameters())

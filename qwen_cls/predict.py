@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qwen_cls.checkpoint import HF_DIR, INFO_FILE
 from qwen_cls.console import quiet_library_chatter, say
 from qwen_cls.data import load_image, to_rgb
 from qwen_cls.errors import ConfigError, DataError
@@ -24,6 +23,7 @@ from qwen_cls.evaluation import _processor_path, load_module, make_datamodule, r
 from qwen_cls.losses import mask_logits
 from qwen_cls.modeling import MODEL_INPUTS
 from qwen_cls.rows import image_size_problem, local_image_path
+from qwen_cls.run_dir import HF_DIR, INFO_FILE
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -12,11 +12,20 @@ from typing import Any
 
 import yaml
 
-from qwen_cls.checkpoint import BEST_FILE, read_best, read_info, run_status, scan_checkpoints
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
-from qwen_cls.evaluation import CSV_FILE, PLOT_FILE, best_row
 from qwen_cls.plots import PLOTS_DIR, plot_run, read_metrics
+from qwen_cls.run_dir import (
+    BEST_FILE,
+    CSV_FILE,
+    PLOT_FILE,
+    CheckpointInfo,
+    best_row,
+    read_best,
+    read_info,
+    run_status,
+    scan_checkpoints,
+)
 
 EVAL_COLUMNS = (
     ("overall_accuracy", "accuracy"),
@@ -44,11 +53,15 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _or_unknown(value: Any) -> Any:
+    return "?" if value is None else value
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
-def _eval_results(run: Path, infos: dict[int, dict]) -> tuple[dict[int, dict[str, float]], str]:
+def _eval_results(run: Path, infos: dict[int, CheckpointInfo]) -> tuple[dict[int, dict[str, float]], str]:
     """Evaluation metrics per step: evaluate-all's CSV where present, else what training evaluated."""
     if (run / CSV_FILE).is_file():
         with (run / CSV_FILE).open() as fh:
@@ -58,14 +71,14 @@ def _eval_results(run: Path, infos: dict[int, dict]) -> tuple[dict[int, dict[str
             for r in rows
         }
         return parsed, f"`qwen-cls evaluate-all` ({CSV_FILE})"
-    during = {step: info["eval_metrics"] for step, info in infos.items() if info.get("eval_metrics")}
+    during = {step: info.eval_metrics for step, info in infos.items() if info.eval_metrics}
     return during, "evaluation during training"
 
 
 def _best(run: Path, results: dict[int, dict[str, float]], source: str) -> tuple[int | None, str]:
     """The checkpoint to use and why, from the evaluations the run has."""
     record = read_best(run)
-    metric, mode = record.get("metric", "overall_accuracy"), record.get("mode", "max")
+    metric, mode = (record.metric, record.mode) if record else ("overall_accuracy", "max")
     if results and any(metric in r for r in results.values()):
         best = best_row([{"step": s, **r} for s, r in results.items()], metric, mode)
         word = "highest" if mode == "max" else "lowest"
@@ -74,9 +87,7 @@ def _best(run: Path, results: dict[int, dict[str, float]], source: str) -> tuple
             "step"
         ], f"{word} {metric} ({best[metric]:.4f}) of {scored} evaluated checkpoints, from {source}"
     if record:
-        return record[
-            "step"
-        ], f"{record['metric']} = {record['value']:.4f} ({record['mode']}), from {BEST_FILE}"
+        return record.step, f"{record.metric} = {record.value:.4f} ({record.mode}), from {BEST_FILE}"
     return None, ""
 
 
@@ -103,16 +114,16 @@ def write_report(run_dir: str, output: str | None = None) -> Path:
         )
     out = Path(output) if output else run / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    infos = {info["step"]: info for info in map(read_info, checkpoints)}
-    last = infos[max(infos)] if infos else {}
+    infos = {info.step: info for info in map(read_info, checkpoints)}
+    last = infos[max(infos)] if infos else CheckpointInfo(step=0)  # a run with a log and no checkpoint yet
     status = run_status(run, checkpoints)
-    plot_run(run, (last.get("config", {}).get("wandb") or {}).get("run_name"))
+    plot_run(run, last.section("wandb").get("run_name"))
     link = lambda p: Path(os.path.relpath(p, out.parent)).as_posix()  # noqa: E731
 
     results, source = _eval_results(run, infos)
     best_step, why = _best(run, results, source)
     lines = [f"# Run report: {run.resolve().name}", ""]
-    planned = last.get("total_steps")
+    planned = last.total_steps
     reached = max(infos) if infos else int(metrics[-1]["step"])
     state = {
         "finished": f"**Finished**: {reached} of {planned} optimizer steps.",
@@ -140,8 +151,8 @@ def write_report(run_dir: str, output: str | None = None) -> Path:
         ),
     )
     summary = [
-        ["wall time (training)", _duration(last.get("elapsed_seconds"))],
-        ["samples seen", last.get("samples_seen", "?")],
+        ["wall time (training)", _duration(last.elapsed_seconds)],
+        ["samples seen", _or_unknown(last.samples_seen)],
         [
             "throughput (median)",
             f"{perf['perf/samples_per_second']:.1f} samples/s, {perf['perf/tokens_per_second']:.0f} tokens/s"
@@ -183,9 +194,9 @@ def write_report(run_dir: str, output: str | None = None) -> Path:
             [
                 name,
                 step,
-                _duration(info.get("elapsed_seconds")),
+                _duration(info.elapsed_seconds),
                 _size(run / f"checkpoint-{step}"),
-                _fmt(info.get("train_loss")),
+                _fmt(info.train_loss),
             ]
             + [_fmt(evaluated.get(key)) for key, _ in EVAL_COLUMNS]
         )
@@ -210,7 +221,7 @@ def write_report(run_dir: str, output: str | None = None) -> Path:
 
     if last:
         lines += ["## Configuration", ""]
-        overrides = last.get("overrides") or []
+        overrides = last.overrides
         lines += (
             ["Keys that `training.skip_evaluation` (the resolver) overrode:", ""]
             if overrides
@@ -221,18 +232,18 @@ def write_report(run_dir: str, output: str | None = None) -> Path:
             "<details><summary>resolved config</summary>",
             "",
             "```yaml",
-            yaml.safe_dump(last.get("config", {}), sort_keys=False).rstrip(),
+            yaml.safe_dump(last.config, sort_keys=False).rstrip(),
             "```",
             "</details>",
             "",
         ]
         lines += ["## Environment", ""]
         env = [
-            ["device", last.get("device", "?")],
-            ["world size", last.get("world_size", "?")],
-            ["strategy", last.get("strategy", "?")],
-            ["precision", last.get("precision", "?")],
-        ] + [[name, version] for name, version in last.get("versions", {}).items()]
+            ["device", _or_unknown(last.device)],
+            ["world size", _or_unknown(last.world_size)],
+            ["strategy", _or_unknown(last.strategy)],
+            ["precision", _or_unknown(last.precision)],
+        ] + [[name, version] for name, version in last.versions.items()]
         lines += [_table(["", ""], env), ""]
     out.write_text("\n".join(lines))
     say(

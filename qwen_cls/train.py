@@ -30,25 +30,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from qwen_cls.checkpoint import (
-    HF_DIR,
-    INFO_FILE,
-    LoadZero3Weights,
-    QwenCheckpoint,
-    checkpoint_step,
-    drop_overwritten,
-    has_state,
-    list_checkpoints,
-    load_zero3_weights,
-    marked_running,
-    read_info,
-    refuse_if_running,
-    refuse_unsafe_checkpoint,
-    remove_previous_run,
-    restore_set_aside,
-    resume_state_path,
-    scan_checkpoints,
-)
+from qwen_cls.checkpoint import LoadZero3Weights, QwenCheckpoint, load_zero3_weights, refuse_unsafe_checkpoint
 from qwen_cls.cli import parse_error
 from qwen_cls.config import (
     BestModelTrackingConfig,
@@ -65,6 +47,21 @@ from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import LogLineProgress, RunPlots, TrainingMonitor, wandb_mode
 from qwen_cls.policy import Resolution, resolve, resume_changes
+from qwen_cls.run_dir import (
+    HF_DIR,
+    INFO_FILE,
+    checkpoint_step,
+    drop_overwritten,
+    has_state,
+    list_checkpoints,
+    marked_running,
+    read_info,
+    refuse_if_running,
+    remove_previous_run,
+    restore_set_aside,
+    resume_state_path,
+    scan_checkpoints,
+)
 from qwen_cls.strategy import build_strategy, deepspeed_kwargs, zero_stage_3
 
 SECTIONS = {
@@ -373,9 +370,7 @@ class QwenCLI(LightningCLI):
             return
         info = read_info(folder)
         now = json.loads(json.dumps(self.resolution.config, default=str))
-        refused, reported = resume_changes(
-            info.get("config", {}), now, info.get("world_size"), self.trainer.world_size
-        )
+        refused, reported = resume_changes(info.config, now, info.world_size, self.trainer.world_size)
         if refused:
             head = any(r.startswith(("model.num_labels:", "loss.type:")) for r in refused)
             raise ConfigError(

@@ -30,7 +30,9 @@ def test_help_lists_every_command_and_each_commands_help_runs(capsys):
 
     code, out, _ = run_main(capsys, "--help")
     assert code == 0
-    assert [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()] == list(COMMANDS)
+    assert [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()] == list(
+        COMMANDS
+    )
     for name in ("fit", "validate"):  # LightningCLI's
         code, out, _ = run_main(capsys, name, "--help")
         assert code == 0 and "--config CONFIG" in out and "--training.skip_evaluation" in out
@@ -40,9 +42,12 @@ def test_help_lists_every_command_and_each_commands_help_runs(capsys):
         "import sys\nfrom qwen_cls.cli import main\n"
         f"for args in [['--help'], ['--version'], *[[t, '--help'] for t in {tools!r}]]:\n"
         "    try:\n        main(args)\n    except SystemExit as e:\n        assert not e.code, (args, e.code)\n"
+        "import qwen_cls.run_dir, qwen_cls.reporting\n"  # the run folder and the report read runs without them too
         "print('heavy:', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'transformers'}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     for name in tools:
         assert f"usage: qwen-cls {name} " in done.stdout

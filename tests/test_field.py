@@ -20,13 +20,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import qwen_cls.checkpoint as checkpoint_module
-from qwen_cls.checkpoint import RUNNING_FILE, replace_folder, restore_set_aside, run_status
 from qwen_cls.cli import main
 from qwen_cls.data import to_rgb
 from qwen_cls.policy import resume_changes
 from qwen_cls.predict import predict
 from qwen_cls.reporting import write_report
+from qwen_cls.run_dir import RUNNING_FILE, replace_folder, restore_set_aside, run_status
 from qwen_cls.train import run_lightning_cli
 from tests.helpers import REPO, base_config, child_env, losses_by_step, write_config
 
@@ -464,10 +463,10 @@ def test_a_kill_while_a_step_is_saved_again_leaves_one_whole_copy(tmp_path, monk
             raise KeyboardInterrupt("killed between the two renames")
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", killed_after_setting_aside)
+    monkeypatch.setattr(os, "replace", killed_after_setting_aside)
     with pytest.raises(KeyboardInterrupt):
         replace_folder(new, final)
-    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert not final.exists()  # the old step is set aside, not deleted
     assert restore_set_aside(tmp_path) == [final]
     assert (final / "training_info.json").read_text() == "old"

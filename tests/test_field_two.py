@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_cls.checkpoint import RUN_RECORDS, list_checkpoints
+from qwen_cls.run_dir import RUN_RECORDS, list_checkpoints
 from tests.helpers import base_config, run_main, write_config
 
 

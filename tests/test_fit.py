@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from qwen_cls.checkpoint import list_checkpoints
 from qwen_cls.evaluation import evaluate
 from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
+from qwen_cls.run_dir import list_checkpoints
 from qwen_cls.train import run_lightning_cli
 from tests.helpers import base_config, run_log, write_config
 

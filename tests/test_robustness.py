@@ -16,12 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import qwen_cls.checkpoint as checkpoint_module
-from qwen_cls.checkpoint import has_state, list_checkpoints, run_status
 from qwen_cls.cli import main
 from qwen_cls.errors import CheckpointError
 from qwen_cls.evaluation import evaluate
 from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
 from qwen_cls.reporting import write_report
+from qwen_cls.run_dir import has_state, list_checkpoints, run_status
 from qwen_cls.train import run_lightning_cli
 from tests.helpers import base_config, losses_by_step, start_qwen_cls, write_config
 

@@ -18,11 +18,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from safetensors.torch import load_file
 
 import qwen_cls.checkpoint as checkpoint_module
-from qwen_cls.checkpoint import QwenCheckpoint, has_state, list_checkpoints
+from qwen_cls.checkpoint import QwenCheckpoint
 from qwen_cls.cli import main
 from qwen_cls.evaluation import evaluate_all
 from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
 from qwen_cls.reporting import write_report
+from qwen_cls.run_dir import has_state, list_checkpoints
 from qwen_cls.train import run_lightning_cli
 from tests.helpers import REPO, base_config, child_env, write_config
 

@@ -35,6 +35,7 @@ from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
 from qwen_cls.flops import describe_device
 from qwen_cls.lora import ADAPTER_DIR, adapter_items, merged_items, scaling, write_adapter
+from qwen_cls.retention import Retention, gib
 from qwen_cls.run_dir import (
     CHECKPOINT_PREFIX,
     HF_DIR,
@@ -97,10 +98,6 @@ def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> 
     weights = sum(numel(p) * p.element_size() for p in (trainable if lora else [p for _, p in named]))
     optimizer = sum(numel(p) * (8 if p.dtype == torch.float32 else 12) for p in trainable)
     return hf, weights + optimizer
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 @contextlib.contextmanager
@@ -175,15 +172,9 @@ class QwenCheckpoint(ModelCheckpoint):
             **kwargs,
         )
         self.run_info = run_info or {}
-        self.keep_best_only = keep_best_only
-        self.keep_all = (
-            keep_all  # every folder kept (save_all_checkpoints, skip_evaluation): keep_last_n is off
+        self.retention = Retention(
+            keep_best_only, keep_all, keep_last_n, keep_state_last_n, tracking=self.monitor is not None
         )
-        self.keep_last_n = None if keep_all else keep_last_n
-        self.keep_state_last_n = keep_state_last_n
-        for key, value in (("keep_last_n", keep_last_n), ("keep_state_last_n", keep_state_last_n)):
-            if value is not None and value < 1:
-                raise ConfigError(f"training.{key}: must be >= 1, got {value}")
         self.save_dtype = save_dtype
         self.save_adapter = save_adapter
         self._dtype: torch.dtype | None = None
@@ -408,25 +399,16 @@ class QwenCheckpoint(ModelCheckpoint):
         return weights, adapter
 
     def _retention_plan(self, latest: Path) -> tuple[list[str], list[str]]:
-        """What to delete once ``latest`` is complete: whole folders (the best plus the latest with
-        ``keep_best_only``, else the newest ``keep_last_n`` plus the best) and the resumable state of those
-        beyond the newest ``keep_state_last_n`` (the best keeps its state: the final evaluation reads it).
-        Folders are remembered by name, so a run copied elsewhere and resumed never touches the original."""
-        self._saved = [n for n in self._saved if n != latest.name] + [latest.name]
-        keep = {latest.name, Path(self.best_model_path).name} if self.monitor else {latest.name}
-        if self.keep_best_only:
-            doomed = [n for n in self._saved if n not in keep]
-        elif self.keep_last_n:
-            doomed = [n for n in self._saved[: -self.keep_last_n] if n not in keep]
-        else:
-            doomed = []
-        for name in doomed:
-            self._saved.remove(name)
+        """What to delete once ``latest`` is complete (:meth:`Retention.after_save`): whole folders, and the
+        resumable state of others. Folders are remembered by name, so a run copied elsewhere and resumed never
+        touches the original."""
+        best = Path(self.best_model_path).name if self.best_model_path else None
+        plan = self.retention.after_save(self._saved, latest.name, best)
+        self._saved = plan.saved
+        for name in plan.delete:
             self.best_k_models.pop(str(latest.parent / name), None)
-        n = self.keep_state_last_n
-        stateless = [name for name in self._saved[:-n] if name not in keep] if n else []
-        return [str(latest.parent / name) for name in doomed], [
-            str(latest.parent / name) for name in stateless
+        return [str(latest.parent / n) for n in plan.delete], [
+            str(latest.parent / n) for n in plan.drop_state
         ]
 
     def _best_record(self) -> BestRecord | None:
@@ -460,50 +442,28 @@ class QwenCheckpoint(ModelCheckpoint):
     def _check_disk_space(self, trainer: L.Trainer) -> None:
         """Before step 1: the checkpoints this run will keep must fit in the free space at ``dirpath``."""
         hf, state = checkpoint_bytes(trainer.lightning_module.net, self._dtype)
-        kept = self.checkpoints_to_keep(trainer)
-        states = self.states_to_keep(kept, self.keep_state_last_n)
+        total, done, every = (
+            int(trainer.estimated_stepping_batches),
+            trainer.global_step,
+            self._every_n_train_steps,
+        )
+        kept = self.retention.folders_kept(total // every - done // every + (1 if total % every else 0))
+        states = self.retention.states_kept(kept)
         need = kept * hf + states * state
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.dirpath).free
         enough = trainer.strategy.reduce_boolean_decision(need * 1.05 <= free, all=True)
         if enough:
             return
-        remedies = []
-        if states > 1:
-            one = kept * hf + self.states_to_keep(kept, 1) * state
-            remedies.append(
-                f"set training.keep_state_last_n: 1 (hf_model/ of every checkpoint, the resumable state of the "
-                f"newest only: {_gib(one)}, {_gib(need - one)} less)"
-            )
-        if not self.keep_all:  # every checkpoint is kept by contract in the other case
-            fits = max(1, int(free // ((hf + state) * 1.05)) - 1)
-            remedies.append(f"set training.keep_last_n (e.g. {fits}) to keep fewer checkpoints")
         message = (
-            f"training.disk_check: this run will keep {kept} checkpoints (hf_model/ ~{_gib(hf)} each, {states} "
-            f"resumable states of ~{_gib(state)}): {_gib(need)} in {self.dirpath}, but only {_gib(free)} is free; "
-            + "; or ".join(remedies)
+            f"training.disk_check: this run will keep {kept} checkpoints (hf_model/ ~{gib(hf)} each, {states} "
+            f"resumable states of ~{gib(state)}): {gib(need)} in {self.dirpath}, but only {gib(free)} is free; "
+            + "; or ".join(self.retention.disk_remedies(kept, hf, state, free))
             + "; or free some space, or set training.disk_check: warn"
         )
         if self.disk_check == "error":
             raise DiskSpaceError(message)
         rank_zero_warn(message)
-
-    def checkpoints_to_keep(self, trainer: L.Trainer) -> int:
-        """How many checkpoint folders this run will write from now on and keep at the same time."""
-        total, done = int(trainer.estimated_stepping_batches), trainer.global_step
-        every = self._every_n_train_steps
-        saves = total // every - done // every + (1 if total % every else 0)
-        if self.keep_best_only:
-            return min(saves, 2)
-        if self.keep_last_n:
-            return min(saves, self.keep_last_n + (1 if self.monitor else 0))
-        return saves
-
-    def states_to_keep(self, kept: int, keep_state_last_n: int | None) -> int:
-        """Of ``kept`` checkpoints, how many keep their resumable state."""
-        if keep_state_last_n is None:
-            return kept
-        return min(kept, keep_state_last_n + (1 if self.monitor else 0))
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if trainer.is_global_zero and Path(filepath).is_dir():

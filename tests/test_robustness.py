@@ -207,7 +207,7 @@ def test_a_crash_while_saving_leaves_earlier_checkpoints_whole_and_resumable(
     crash_at = {"step": 10}
 
     def crash_on_step_10(path, info):
-        if info["step"] == crash_at["step"]:
+        if info.step == crash_at["step"]:
             raise OSError(28, "No space left on device")  # the disk fills up in the middle of the save
         real_write(path, info)
 

@@ -18,7 +18,6 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from safetensors.torch import load_file
 
 import qwen_cls.checkpoint as checkpoint_module
-from qwen_cls.checkpoint import QwenCheckpoint
 from qwen_cls.cli import main
 from qwen_cls.evaluation import evaluate_all
 from qwen_cls.modeling import MODEL_INPUTS, QwenVLForImageClassification
@@ -91,19 +90,6 @@ def test_resume_takes_the_newest_state_and_names_it_when_given_an_older_checkpoi
         ("checkpoint-25", True),
     ]
     assert has_state(run / "checkpoint-20"), "the run it was copied from is never touched"
-
-
-def test_the_best_checkpoint_keeps_its_state_beside_the_newest(tmp_path):
-    """With best-model tracking the final evaluation reads the best checkpoint's state: it is kept too."""
-    callback = QwenCheckpoint(
-        str(tmp_path), keep_state_last_n=1, monitor="eval/overall_accuracy", every_n_train_steps=5
-    )
-    with_state: set[int] = set()
-    for step, best, expected in [(5, 5, {5}), (10, 5, {5, 10}), (15, 15, {15}), (20, 15, {15, 20})]:
-        callback.best_model_path = str(tmp_path / f"checkpoint-{best}")
-        doomed, stateless = callback._retention_plan(tmp_path / f"checkpoint-{step}")
-        with_state = (with_state | {step}) - {int(p.rsplit("-", 1)[1]) for p in stateless}
-        assert doomed == [] and with_state == expected, step
 
 
 def slowed(monkeypatch) -> None:

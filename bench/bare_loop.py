@@ -16,8 +16,8 @@ import torch
 
 from qwen_cls.config import DatasetConfig
 from qwen_cls.data import QwenDataModule
+from qwen_cls.loading import load_classifier
 from qwen_cls.losses import LossConfig, classification_loss
-from qwen_cls.model import load_classifier
 from qwen_cls.modeling import MODEL_INPUTS
 
 

@@ -34,7 +34,8 @@ from qwen_cls.config import DiskCheck, SaveDtype
 from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
 from qwen_cls.flops import describe_device
-from qwen_cls.lora import ADAPTER_DIR, adapter_items, merged_items, scaling, write_adapter
+from qwen_cls.loading import save_dtype
+from qwen_cls.lora import ADAPTER_DIR, adapter_items, is_lora_param, merged_items, scaling, write_adapter
 from qwen_cls.retention import Retention, gib
 from qwen_cls.run_dir import (
     CHECKPOINT_PREFIX,
@@ -63,23 +64,6 @@ from qwen_cls.saving import (
 )
 from qwen_cls.strategy import gathered_state_dict, load_into_partitions, zero_stage_3
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def training_dtype(precision: str) -> str:
-    """The dtype the module's weights had while training (DeepSpeed casts the module for 16-bit runs)."""
-    return (
-        "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
-    )
-
-
-def save_dtype(choice: str, precision: str) -> torch.dtype | None:
-    """``training.save_dtype`` for ``hf_model/``: ``auto`` is bfloat16 for a bf16 run, else the weights' own
-    dtype (None)."""
-    if choice == "auto":
-        return torch.bfloat16 if precision.startswith("bf16") else None
-    return DTYPES[choice]
-
 
 def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> tuple[int, int]:
     """Estimated bytes of a checkpoint's ``hf_model/`` (weights in ``dtype``, default their own) and of its
@@ -91,8 +75,8 @@ def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> 
         return getattr(p, "ds_numel", p.numel())
 
     named = list(net.named_parameters())
-    lora = any(".lora_" in n for n, _ in named)
-    merged = [p for n, p in named if ".lora_" not in n]
+    lora = any(is_lora_param(n) for n, _ in named)
+    merged = [p for n, p in named if not is_lora_param(n)]
     hf = sum(numel(p) * (p.element_size() if dtype is None else dtype.itemsize) for p in merged)
     trainable = [p for _, p in named if p.requires_grad]
     weights = sum(numel(p) * p.element_size() for p in (trainable if lora else [p for _, p in named]))

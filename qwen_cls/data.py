@@ -27,7 +27,7 @@ from transformers.image_utils import SizeDict
 from qwen_cls.config import DatasetConfig, OnBadImage
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError, DataError
-from qwen_cls.model import check_processor_files, qwen_model_type
+from qwen_cls.loading import check_processor_files, qwen_model_type
 from qwen_cls.rows import CheckLevel, RowIndex, image_size_problem, shared_rows
 
 DEFAULT_PROMPT = "Which {dataset} class is this image?"

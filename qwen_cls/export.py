@@ -16,10 +16,12 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from qwen_cls.checkpoint import DTYPES, training_dtype, zero_weights
+from qwen_cls.checkpoint import zero_weights
 from qwen_cls.console import say
 from qwen_cls.data import load_processor
 from qwen_cls.errors import ConfigError
+from qwen_cls.loading import DTYPES, training_dtype
+from qwen_cls.losses import LossConfig, head_for
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
 from qwen_cls.run_dir import HF_DIR, INFO_FILE, STATE_DIR, read_info
 
@@ -75,10 +77,8 @@ def _from_shards(checkpoint: Path, cfg: dict, dtype: torch.dtype, out: Path) -> 
     """The classifier (config of the base model in the run's config) with the shards' weights, and the base
     model's processor, written to ``out``; returns the parameter count."""
     base = cfg["model"]["pretrained_name"]
-    head = "cosine" if (cfg.get("loss") or {}).get("type") == "arcface" else "linear"
-    config = _config(
-        base, int(cfg["model"]["num_labels"]), head, float((cfg.get("loss") or {}).get("scale", 30.0))
-    )
+    loss = LossConfig(**(cfg.get("loss") or {}))
+    config = _config(base, int(cfg["model"]["num_labels"]), head_for(loss.type), loss.scale)
     weights = zero_weights(checkpoint)
     state = {name: tensor.contiguous().to(dtype) for name, tensor in weights.items()}
     with torch.device("meta"):  # only the structure: save_pretrained writes the weights given

@@ -8,6 +8,8 @@ import platform
 
 import torch
 
+from qwen_cls.lora import is_lora_param
+
 # Dense bf16 peak per device in TFLOP/s (vendor datasheets, no sparsity); the first matching name wins
 PEAK_TFLOPS = (
     ("h100 pcie", 756.0),
@@ -113,7 +115,7 @@ def pass_factors(net: torch.nn.Module) -> tuple[int, int]:
     unadapted vision tower."""
 
     def parts(prefix: str) -> tuple[bool, bool]:
-        base = [p for n, p in net.named_parameters() if n.startswith(prefix) and ".lora_" not in n]
+        base = [p for n, p in net.named_parameters() if n.startswith(prefix) and not is_lora_param(n)]
         trained = [p for n, p in net.named_parameters() if n.startswith(prefix) and p.requires_grad]
         return bool(trained), bool(base) and all(p.requires_grad for p in base)
 

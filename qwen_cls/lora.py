@@ -115,12 +115,17 @@ def scaling(settings: LoraSettings) -> float:
     return settings.alpha / settings.r
 
 
+def is_lora_param(name: str) -> bool:
+    """Whether a parameter (or state-dict entry) is one of peft's adapters (``lora_A``/``lora_B``)."""
+    return ".lora_" in name
+
+
 def merged_items(state: Mapping[str, torch.Tensor], scale: float) -> Iterator[tuple[str, torch.Tensor]]:
     """The plain classifier's weights from a LoRA model's state dict: each adapted weight as W + scale * B A
     (in fp32, back to W's dtype), adapters dropped. One merged matrix at a time: a 72B model's save never holds
     two copies."""
     for name, value in state.items():
-        if ".lora_" in name:
+        if is_lora_param(name):
             continue
         if ".base_layer." in name:
             prefix, param = name.split(".base_layer.")

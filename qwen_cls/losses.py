@@ -15,6 +15,7 @@ from typing import Literal, get_args
 import torch
 
 from qwen_cls.errors import ConfigError
+from qwen_cls.modeling import QwenVLClassifierConfig
 
 LossType = Literal["cross_entropy", "label_smoothing", "focal", "arcface", "symmetric_ce"]
 LOSS_TYPES = get_args(LossType)
@@ -42,7 +43,7 @@ class LossConfig:
     alpha: float = 1.0
     beta: float = 1.0
     margin: float = 0.2
-    scale: float = 30.0
+    scale: float = QwenVLClassifierConfig.cosine_scale
     temperature: float = 1.0
 
 
@@ -72,6 +73,11 @@ def validate_loss_config(cfg: LossConfig) -> None:
 def mask_logits(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Columns outside a row's dataset get -inf: zero probability, never predicted."""
     return logits if valid is None else logits.masked_fill(~valid, float("-inf"))
+
+
+def head_for(loss_type: str) -> str:
+    """The head a loss trains: ArcFace a cosine head (``scale * cos``), the others a linear one."""
+    return "cosine" if loss_type == "arcface" else "linear"
 
 
 def classification_loss(

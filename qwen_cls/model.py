@@ -6,23 +6,15 @@ Lightning.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import math
 import random
-import re
 from importlib.util import find_spec
-from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
-from transformers import Qwen2_5_VLModel
-from transformers import logging as hf_logging
 from transformers.optimization import get_cosine_schedule_with_warmup
 
 from qwen_cls.config import (
@@ -35,214 +27,23 @@ from qwen_cls.config import (
 )
 from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, NonFiniteLossError
+from qwen_cls.loading import (
+    Attention,
+    TorchDtype,
+    choose_attention,
+    load_classifier,
+    load_dtype,
+    qwen_model_type,
+)
 from qwen_cls.lora import adapted, apply_lora, check_settings
-from qwen_cls.losses import LossConfig, classification_loss, mask_logits, validate_loss_config
+from qwen_cls.losses import LossConfig, classification_loss, head_for, mask_logits, validate_loss_config
 from qwen_cls.metrics import ClassificationMetrics
 from qwen_cls.modeling import (
     MODEL_INPUTS,
     QwenVLClassifierConfig,
     QwenVLForImageClassification,
-    classifier_config,
 )
 from qwen_cls.strategy import make_adamw, zero_stage_3
-
-
-def qwen_model_type(path: str | Path) -> str:
-    """``qwen2_5_vl`` or ``qwen2_5_vl_classifier`` for a loadable folder; anything else is a config error."""
-    config_file = Path(path) / "config.json"
-    if not Path(path).exists():
-        hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) is not None
-        raise ConfigError(
-            f"model.pretrained_name: {path} is not a folder here"
-            + (
-                "; it looks like a hub id: models are loaded from local folders only (download it first, e.g. "
-                f"`hf download {path} --local-dir DIR`, and give DIR)"
-                if hub_id
-                else ""
-            )
-        )
-    if not config_file.is_file():
-        raise ConfigError(f"model.pretrained_name: {path} has no config.json; expected a Qwen2.5-VL folder")
-    model_type = json.loads(config_file.read_text()).get("model_type", "")
-    if model_type not in ("qwen2_5_vl", QwenVLClassifierConfig.model_type):
-        raise ConfigError(
-            f"model.pretrained_name: {path} holds a {model_type or 'unknown'!r} model; expected a Qwen2.5-VL folder"
-        )
-    return model_type
-
-
-def check_weight_files(path: Path) -> None:
-    """The weights a folder's loader will look for are all there: a partial copy or download (no weights, or an
-    index naming shards that are missing) is one line, not transformers' traceback."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text()).get("weight_map", {}).values()))
-            missing = [name for name in shards if not (path / name).is_file()]
-            if missing:
-                raise ConfigError(
-                    f"model.pretrained_name: {path} lacks {len(missing)} of the {len(shards)} weight files its {index} "
-                    f"names ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the copy or download "
-                    "is incomplete"
-                )
-            return
-    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
-        raise ConfigError(
-            f"model.pretrained_name: {path} holds no weights (*.safetensors or pytorch_model*.bin); the copy or "
-            "download is incomplete"
-        )
-
-
-def check_processor_files(path: Path) -> None:
-    """A Qwen2.5-VL processor needs the tokenizer's files and the image processor's settings; without them
-    transformers builds a processor that fails at the first batch (or a config error much later)."""
-    tokenizer = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
-    image = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
-    missing = [
-        what
-        for what, there in (
-            ("the tokenizer (tokenizer.json, or vocab.json + merges.txt)", tokenizer),
-            ("the image processor (preprocessor_config.json or processor_config.json)", image),
-        )
-        if not there
-    ]
-    if missing:
-        raise ConfigError(
-            f"model.pretrained_name: {path} lacks {' and '.join(missing)}; copy the whole model folder (the "
-            "processor is loaded from it)"
-        )
-
-
-Attention = Literal["auto", "flash_attention_2", "sdpa", "eager"]
-TorchDtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-def choose_attention(
-    requested: Attention, cuda_capability: tuple[int, int] | None, flash_installed: bool
-) -> str:
-    """``auto``: FlashAttention-2 where the ``flash_attn`` package imports and the GPU is Ampere or newer
-    (compute capability 8.0+), else PyTorch's SDPA, else eager. An explicit choice that cannot run is an
-    error rather than a silent switch."""
-    flash_ok = flash_installed and cuda_capability is not None and cuda_capability >= (8, 0)
-    if requested == "flash_attention_2" and not flash_ok:
-        raise ConfigError(
-            "model.attn_implementation: flash_attention_2 needs the flash-attn package and an Ampere or newer "
-            "GPU; use auto or sdpa"
-        )
-    if requested != "auto":
-        return requested
-    if flash_ok:
-        return "flash_attention_2"
-    return "sdpa" if hasattr(torch.nn.functional, "scaled_dot_product_attention") else "eager"
-
-
-def load_classifier(
-    pretrained_name: str,
-    num_labels: int,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
-    classifier_head: str = "linear",
-    cosine_scale: float = 30.0,
-    reinit_head: bool = False,
-) -> QwenVLForImageClassification:
-    """A classifier from a local folder: either a saved ``hf_model/`` (backbone and head; with ``reinit_head`` a
-    new head for a new label set on its backbone) or any Qwen2.5-VL checkpoint (3B/7B/32B/72B or the tiny
-    one), whose LM head is dropped and a new head added."""
-    path = Path(pretrained_name)
-    model_type = qwen_model_type(path)
-    check_weight_files(path)
-    if model_type == QwenVLClassifierConfig.model_type:
-        saved = QwenVLClassifierConfig.from_pretrained(path)
-        if reinit_head:
-            return _new_head_on(
-                path, saved, num_labels, dtype, attn_implementation, classifier_head, cosine_scale
-            )
-        if saved.num_labels != num_labels:
-            raise ConfigError(
-                f"model.num_labels: {num_labels}, but the classifier in {path} has {saved.num_labels} labels; set "
-                "model.reinit_head: true to train a new head for the new labels on its backbone"
-            )
-        if saved.classifier_head != classifier_head:
-            raise ConfigError(
-                f"loss.type: needs a {classifier_head} head, but the classifier in {path} has a "
-                f"{saved.classifier_head} head (arcface trains a cosine head; the other losses a linear one); set "
-                "model.reinit_head: true to train a new head on its backbone"
-            )
-        return QwenVLForImageClassification.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation
-        )
-    head_seed = int(torch.randint(0, 2**31 - 1, ()))  # before loading, whose path may draw from the RNG
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the LM head is "unexpected" by design; missing keys are checked below
-    try:
-        backbone, info = Qwen2_5_VLModel.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise ConfigError(
-            f"model.pretrained_name: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}"
-        )
-    config = classifier_config(backbone.config, num_labels, classifier_head, cosine_scale)
-    model = QwenVLForImageClassification(config, backbone=backbone)
-    init_head(model.score, config, head_seed)
-    if not hasattr(model.score.weight, "ds_id"):  # a ZeRO-3 partition: DeepSpeed owns its dtype
-        model.score.to(dtype)
-    return model
-
-
-def _new_head_on(
-    path: Path,
-    saved: QwenVLClassifierConfig,
-    num_labels: int,
-    dtype: torch.dtype,
-    attn_implementation: str,
-    classifier_head: str,
-    cosine_scale: float,
-) -> QwenVLForImageClassification:
-    """A trained classifier's backbone with a new, seeded head (transformers' ``ignore_mismatched_sizes``)."""
-    head_seed = int(torch.randint(0, 2**31 - 1, ()))
-    config = classifier_config(saved, num_labels, classifier_head, cosine_scale)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the old head's weights are left out by design
-    try:
-        model = QwenVLForImageClassification.from_pretrained(
-            path,
-            config=config,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            ignore_mismatched_sizes=True,
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    init_head(model.score, config, head_seed)
-    if not hasattr(model.score.weight, "ds_id"):
-        model.score.to(dtype)
-    return model
-
-
-def init_head(score: nn.Linear, config: QwenVLClassifierConfig, seed: int) -> None:
-    """A new head, N(0, initializer_range) with zero bias as transformers initialises a Linear, from its own
-    seeded generator: the same head whether the backbone was loaded whole or into ZeRO-3 partitions (which
-    draw differently from the global RNG, and whose post_init saw empty placeholders)."""
-    std = getattr(config, "initializer_range", None) or config.get_text_config().initializer_range or 0.02
-    partitioned = hasattr(score.weight, "ds_id")
-    if partitioned:
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(score.parameters()), modifier_rank=0)
-    with gathered if partitioned else contextlib.nullcontext(), torch.no_grad():
-        generator = torch.Generator().manual_seed(seed)
-        score.weight.copy_(torch.randn(score.weight.shape, generator=generator) * std)
-        if score.bias is not None:
-            score.bias.zero_()
-
-
-def _dtype_for(name: str, precision: str | None) -> torch.dtype:
-    if name == "auto":
-        name = {"bf16-true": "bfloat16", "16-true": "float16"}.get(str(precision), "float32")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 @functools.cache
@@ -360,8 +161,8 @@ class QwenClassifier(L.LightningModule):
             return
         precision = self._trainer.precision if self._trainer is not None else None
         hp = self.hparams
-        head = "cosine" if self.loss_config.type == "arcface" else "linear"
-        dtype = _dtype_for(hp.torch_dtype, precision)
+        head = head_for(self.loss_config.type)
+        dtype = load_dtype(hp.torch_dtype, precision)
         device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         attention = choose_attention(hp.attn_implementation, capability, find_spec("flash_attn") is not None)

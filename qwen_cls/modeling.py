@@ -28,7 +28,7 @@ class QwenVLClassifierConfig(Qwen2_5_VLConfig):
 
     model_type = "qwen2_5_vl_classifier"
     classifier_head: str = "linear"
-    cosine_scale: float = 30.0
+    cosine_scale: float = 30.0  # ArcFace's default scale (losses.LossConfig.scale takes it from here)
 
 
 def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def classifier_config(
     backbone_config: Qwen2_5_VLConfig,
     num_labels: int,
     classifier_head: str = "linear",
-    cosine_scale: float = 30.0,
+    cosine_scale: float = QwenVLClassifierConfig.cosine_scale,
 ) -> QwenVLClassifierConfig:
     """The classifier's config: the backbone's, plus the head and its labels."""
     labels = {

@@ -411,7 +411,7 @@ def test_a_trained_classifier_takes_a_new_label_set_with_reinit_head(tiny_model,
     saved = json.loads((tmp_path / "second" / "checkpoint-2" / "hf_model" / "config.json").read_text())
     assert len(saved["id2label"]) == 12  # transformers writes num_labels as id2label
 
-    from qwen_cls.model import load_classifier
+    from qwen_cls.loading import load_classifier
 
     old = load_file(trained / "model.safetensors")
     new = load_classifier(str(trained), 12, reinit_head=True).state_dict()

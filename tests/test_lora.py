@@ -18,7 +18,7 @@ from transformers import AutoModelForImageClassification
 from qwen_cls.cli import main
 from qwen_cls.evaluation import evaluate
 from qwen_cls.export import export
-from qwen_cls.model import load_classifier
+from qwen_cls.loading import load_classifier
 from qwen_cls.rows import read_rows
 from qwen_cls.train import run_lightning_cli
 from tests.helpers import REPO, base_config, child_env, losses_by_step, run_log, write_config

@@ -9,7 +9,8 @@ from transformers import AutoModelForImageClassification, AutoProcessor
 
 from qwen_cls.data import chat_prompt
 from qwen_cls.errors import ConfigError
-from qwen_cls.model import QwenClassifier, load_classifier
+from qwen_cls.loading import load_classifier
+from qwen_cls.model import QwenClassifier
 from qwen_cls.modeling import QwenVLForImageClassification, pool_last_token
 
 

@@ -14,7 +14,7 @@ from transformers import AutoProcessor
 
 from qwen_cls.data import chat_prompt
 from qwen_cls.flops import forward_flops, peak_for_name, text_flops, vision_flops
-from qwen_cls.model import load_classifier
+from qwen_cls.loading import load_classifier
 from qwen_cls.monitor import redraw_at_checkpoints
 from qwen_cls.train import run_lightning_cli
 from tests.helpers import base_config, run_log, write_config

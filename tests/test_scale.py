@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen_cls.errors import ConfigError
-from qwen_cls.model import choose_attention
+from qwen_cls.loading import choose_attention
 from qwen_cls.train import run_lightning_cli
 from tests.helpers import REPO, base_config, child_env, run_log, write_config
 

@@ -20,7 +20,7 @@ _EXPORTS = {
     "fit": "qwen_cls.api",
     "FitResult": "qwen_cls.api",
     "evaluate": "qwen_cls.commands",
-    "evaluate_all": "qwen_cls.commands",
+    "evaluate_all": "qwen_cls.api",
     "report": "qwen_cls.commands",
     "Predictor": "qwen_cls.predict",
 }

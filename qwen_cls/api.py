@@ -83,5 +83,5 @@ def fit(config: str | Path | dict | None = None, **overrides: Any) -> FitResult:
 
 def evaluate_all(run_dir: str | Path, eval_data: str | Path, **kwargs: Any) -> list[dict[str, Any]]:
     """``qwen-cls evaluate-all RUN_DIR --eval_data FILE``: one dict per checkpoint, in step order (keyword
-    arguments as :func:`qwen_cls.evaluation.evaluate_all`)."""
+    arguments as :func:`qwen_cls.commands.evaluate_all`)."""
     return _evaluate_all(str(run_dir), eval_data=str(eval_data), **kwargs)

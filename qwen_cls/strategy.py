@@ -1,7 +1,7 @@
 """DeepSpeed from the YAML, the same on a GPU cluster and on a CPU test machine.
 
 ``trainer.strategy: deepspeed_stage_2`` / ``deepspeed_stage_3`` (and ``_offload``), or a ``deepspeed:``
-section in the seed's style (a JSON file or a mapping). The micro-batch and gradient accumulation come from
+section (a DeepSpeed JSON file or the same settings as a mapping). The micro-batch and gradient accumulation come from
 ``data.batch_size`` and ``trainer.accumulate_grad_batches``, never asked for twice. On CUDA the strategy is
 Lightning's ``DeepSpeedStrategy`` unchanged; without CUDA it is :class:`CPUDeepSpeedStrategy`, which exists
 so the multi-GPU code paths (ZeRO-2/3 sharding, gathering, resume) run in tests on CPU processes over gloo.

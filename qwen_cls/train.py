@@ -1,6 +1,6 @@
 """``qwen-cls fit`` and ``validate``: LightningCLI over the LightningModule and the DataModule.
 
-The YAML keeps the seed's sections (``model``, ``loss``, ``datasets``, ``data``, ``training``,
+The YAML has the sections (``model``, ``loss``, ``datasets``, ``data``, ``training``,
 ``evaluation``, ``best_model_tracking``, ``wandb``) next to Lightning's ``trainer``. ``model:`` and
 ``data:`` are the init arguments of the LightningModule and DataModule; the other sections are typed
 dataclasses linked into them, so each key is set in one place and every key can be overridden on the
@@ -202,7 +202,7 @@ class QwenCLI(LightningCLI):
             "--deepspeed",
             type=str | dict | None,
             default=None,
-            help="DeepSpeed settings in the seed's style: a JSON file or a mapping (micro-batch, accumulation and "
+            help="DeepSpeed settings: a DeepSpeed JSON file or the same settings as a mapping (micro-batch, accumulation and "
             "clipping are filled in from data.batch_size, trainer.accumulate_grad_batches, training.max_grad_norm)",
         )
 
@@ -288,7 +288,12 @@ class QwenCLI(LightningCLI):
         loggers = [StepCSVLogger(save_dir=output_dir, name="logs")]
         wandb = cfg.wandb
         if wandb.enabled:
-            from wandb import Settings
+            try:
+                from wandb import Settings
+            except ImportError:
+                raise ConfigError(
+                    "wandb.enabled: needs the wandb package: pip install 'qwen-cls[wandb]'"
+                ) from None
 
             offline = rank_zero_only.rank == 0 and wandb_mode(wandb.start_timeout) == "offline"
             loggers.append(

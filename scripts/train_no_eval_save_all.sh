@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The seed's entry point: no-evaluation training, every checkpoint kept, launched with torchrun.
+# The no-evaluation entry point: training, every checkpoint kept, launched with torchrun.
 # Every setting can be overridden from the environment, e.g.
 #   NUM_GPUS=8 CONFIG=configs/food101_no_eval_save_all.yaml bash scripts/train_no_eval_save_all.sh
 # Multi-node: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host0 on each node. Extra arguments go to `qwen-cls fit`.

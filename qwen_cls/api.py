@@ -1,39 +1,22 @@
 """The Python API: the CLI's commands as functions, for notebooks and scripts.
 
-``fit`` runs the very LightningCLI and resolver that ``qwen-cls fit`` runs (no second code path), with
-the same dotted keys as overrides; it never parses ``sys.argv`` and returns instead of exiting.
+``fit`` runs the very parser, resolver and hooks that ``qwen-cls fit`` runs (:func:`qwen_cls.train.fit`), from
+a config given as a YAML file or a mapping, with the same dotted keys as overrides; it never parses
+``sys.argv`` and raises instead of exiting. The tools are :mod:`qwen_cls.commands`'.
 """
 
 from __future__ import annotations
 
-import json
-import sys
+import copy
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import yaml
+from typing import Any
 
 from qwen_cls.commands import evaluate, report
 from qwen_cls.commands import evaluate_all as _evaluate_all
-from qwen_cls.console import quiet_library_chatter
-from qwen_cls.errors import ConfigError
-from qwen_cls.model import QwenClassifier
-from qwen_cls.run_dir import list_checkpoints
+from qwen_cls.train import FitResult, load_config_file
+from qwen_cls.train import fit as _fit
 
 __all__ = ["FitResult", "evaluate", "evaluate_all", "fit", "report"]
-
-quiet_library_chatter()
-
-
-class FitResult(NamedTuple):
-    """What ``fit`` returns: unpack it as ``model, run_dir = qwen_cls.fit(...)``."""
-
-    model: QwenClassifier
-    run_dir: Path
-
-    @property
-    def checkpoints(self) -> list[Path]:
-        return list_checkpoints(self.run_dir)
 
 
 def _flatten(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -48,18 +31,16 @@ def _flatten(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def cli_args(config: str | Path | dict | None, overrides: dict[str, Any]) -> list[str]:
-    """The ``qwen-cls fit`` arguments for a config (a YAML path or a dict) and overrides."""
-    args = ["fit"]
-    if isinstance(config, dict):
-        args.append(f"--config={yaml.safe_dump(config)}")
-    elif config is not None:
-        if not Path(config).is_file():
-            raise ConfigError(f"config: {config} not found")
-        args.append(f"--config={config}")
-    for key, value in _flatten(overrides).items():  # strings as typed; numbers, lists, dicts as JSON
-        args.append(f"--{key}={value if isinstance(value, str | Path) else json.dumps(value)}")
-    return args
+def with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with each dotted key of ``overrides`` set, as ``--key value`` sets it."""
+    config = copy.deepcopy(config)
+    for dotted, value in _flatten(overrides).items():
+        *sections, key = dotted.split(".")
+        target = config
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = str(value) if isinstance(value, Path) else value
+    return config
 
 
 def fit(config: str | Path | dict | None = None, **overrides: Any) -> FitResult:
@@ -70,15 +51,13 @@ def fit(config: str | Path | dict | None = None, **overrides: Any) -> FitResult:
         overrides: dotted keys as on the command line (``**{"training.lr": 1e-4}``) or nested dicts
             (``training={"lr": 1e-4}``).
     """
-    from qwen_cls.train import run_lightning_cli
-
-    args = cli_args(config, overrides)
-    argv, sys.argv = sys.argv, sys.argv[:1]  # a Jupyter kernel's own arguments are not ours
-    try:
-        cli = run_lightning_cli(args, exit_on_error=False)
-    finally:
-        sys.argv = argv
-    return FitResult(cli.model, Path(cli.config.fit.training.output_dir))
+    if config is None:
+        base = {}
+    elif isinstance(config, dict):
+        base = config
+    else:
+        base = load_config_file(config, key="config")
+    return _fit(with_overrides(base, overrides))
 
 
 def evaluate_all(run_dir: str | Path, eval_data: str | Path, **kwargs: Any) -> list[dict[str, Any]]:

@@ -17,7 +17,9 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -122,43 +124,42 @@ def refuse_secrets(cfg, prefix: str = "") -> None:
 
 
 def check_config_files(args: list[str]) -> None:
-    """Each ``--config`` file parses as a YAML mapping; otherwise one line naming the file (and the line of a
-    syntax error), instead of jsonargparse's usage page or ``<unicode string>``. No key that a link sets may be
-    given (:func:`refuse_linked_keys`)."""
+    """Each ``--config`` file parses as a YAML mapping (:func:`load_config_file`) and sets no key that a link
+    sets; nor does the command line (:func:`refuse_linked_keys`)."""
     for i, arg in enumerate(args):
         if arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1])
+            load_config_file(arg.split("=", 1)[1])
         elif arg == "--config" and i + 1 < len(args):
-            path = Path(args[i + 1])
-        else:
-            continue
-        if "\n" in str(path) or str(path).lstrip().startswith(
-            "{"
-        ):  # the config itself, inline (the Python API)
-            refuse_linked_keys(yaml.safe_load(str(path)) or {}, "--config")
-            continue
-        if not path.is_file():
-            raise ConfigError(f"--config: {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"--config: {path} is not UTF-8 text ({e.reason})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"--config: {where}: YAML syntax error: {problem}") from None
-        if data is None:
-            raise ConfigError(f"--config: {path} is empty")
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"--config: {path} must hold sections (model:, data:, training:, ...), not a {type(data).__name__}"
-            )
-        refuse_linked_keys(data, f"--config: {path}")
+            load_config_file(args[i + 1])
     for arg in args:
         flag = arg.split("=", 1)[0].removeprefix("--")
         if flag in LINKED:
             raise ConfigError(f"{flag}: set by {LINKED[flag]}; give --{LINKED[flag]} instead")
+
+
+def load_config_file(path: str | Path, key: str = "--config") -> dict:
+    """A YAML config as a mapping, or one line naming the file (and the line of a syntax error) instead of
+    jsonargparse's usage page."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text ({e.reason})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {where}: YAML syntax error: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{key}: {path} is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{key}: {path} must hold sections (model:, data:, training:, ...), not a {type(data).__name__}"
+        )
+    refuse_linked_keys(data, f"{key}: {path}")
+    return data
 
 
 # each key a link sets -> the key that sets it: given directly, jsonargparse would drop it (YAML) or refuse it
@@ -403,34 +404,18 @@ class QwenCLI(LightningCLI):
                 raise SystemExit(128 + signal.SIGTERM) from None
 
     def after_fit(self) -> None:
-        self._final_evaluation()
+        cfg = self.config.fit
+        if cfg.evaluation.full_eval_at_end and not self.trainer.interrupted:
+            final_evaluation(
+                self.trainer,
+                self.model,
+                self.datamodule,
+                cfg.evaluation.eval_best_model_only,
+                cfg.training.output_dir,
+            )
         for logger in self.trainer.loggers:  # the W&B run ends with the training run (also in notebooks)
             if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
                 logger.experiment.finish()
-
-    def _final_evaluation(self) -> None:
-        """``full_eval_at_end``: all validation rows, on the best checkpoint's weights if
-        ``eval_best_model_only`` (else the final ones); the result goes to ``output_dir/eval_final.json``."""
-        cfg = self.config.fit
-        if not cfg.evaluation.full_eval_at_end or self.trainer.interrupted:
-            return
-        weights, ckpt_path = "final", None
-        best = self.trainer.checkpoint_callback.best_model_path
-        if cfg.evaluation.eval_best_model_only and best:
-            weights = Path(best).name
-            if zero_stage_3(self.trainer.strategy):
-                load_zero3_weights(self.trainer, best)
-            else:
-                ckpt_path = resume_state_path(best, isinstance(self.trainer.strategy, DeepSpeedStrategy))
-            say(f"full evaluation at end on the best checkpoint's weights: {weights}")
-        self.datamodule.full_eval = True
-        self.trainer.limit_val_batches = 1.0
-        self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
-        if self.trainer.is_global_zero:
-            record = {"weights": weights, **self.model.last_eval_metrics}
-            (Path(cfg.training.output_dir) / "eval_final.json").write_text(
-                json.dumps(record, indent=2) + "\n"
-            )
 
     def before_validate(self) -> None:
         self.datamodule.full_eval = True
@@ -444,6 +429,52 @@ class QwenCLI(LightningCLI):
         kwargs = {**kwargs, "ckpt_path": self._ckpt_path, "weights_only": True}
         with refuse_unsafe_checkpoint(f"ckpt_path: {self._ckpt_path}"):
             self.trainer.validate(model, datamodule=datamodule, **kwargs)
+
+
+def final_evaluation(
+    trainer: Trainer, model: QwenClassifier, datamodule: QwenDataModule, best_only: bool, output_dir: str
+) -> dict:
+    """``evaluation.full_eval_at_end``: all validation rows, on the best checkpoint's weights with
+    ``eval_best_model_only`` (else the final ones); the result also goes to ``output_dir/eval_final.json``."""
+    weights, ckpt_path = "final", None
+    best = trainer.checkpoint_callback.best_model_path
+    if best_only and best:
+        weights = Path(best).name
+        if zero_stage_3(trainer.strategy):
+            load_zero3_weights(trainer, best)
+        else:
+            ckpt_path = resume_state_path(best, isinstance(trainer.strategy, DeepSpeedStrategy))
+        say(f"full evaluation at end on the best checkpoint's weights: {weights}")
+    datamodule.full_eval = True
+    trainer.limit_val_batches = 1.0
+    trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    record = {"weights": weights, **model.last_eval_metrics}
+    if trainer.is_global_zero:
+        (Path(output_dir) / "eval_final.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+class FitResult(NamedTuple):
+    """What ``fit`` returns: unpack it as ``model, run_dir = qwen_cls.fit(...)``."""
+
+    model: QwenClassifier
+    run_dir: Path
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return list_checkpoints(self.run_dir)
+
+
+def fit(config: Mapping[str, Any]) -> FitResult:
+    """Train as ``qwen-cls fit`` does, from the config's sections as a mapping (``model``, ``data``, ``training``,
+    ...), parsed and checked by the same parser, resolver and hooks; errors are raised, never an exit."""
+    quiet_library_chatter()
+    refuse_linked_keys(dict(config), "config")
+    try:
+        cli = _qwen_cli({"fit": dict(config)}, False, save_config_kwargs={"overwrite": True})
+    except ArgumentError as e:
+        raise parse_error(e) from None
+    return FitResult(cli.model, Path(cli.config.fit.training.output_dir))
 
 
 def run_lightning_cli(args: list[str] | None = None, exit_on_error: bool = True) -> QwenCLI:

@@ -83,6 +83,7 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
         if int(training.get(key, 1)) < 1:
             raise ConfigError(f"training.{key}: must be >= 1, got {training.get(key)}")
     _check_run_length_and_rates(training)
+    _check_datasets((cfg.get("datasets") or {}).get("dataset_configs") or {})
 
     user_trainer = cfg.get("trainer") or {}
     overrides: list[Override] = []
@@ -170,6 +171,21 @@ def _check_run_length_and_rates(training: Mapping[str, Any]) -> None:
         )
     if int(training.get("epochs", 1)) < 1:
         raise ConfigError(f"training.epochs: must be >= 1, got {training['epochs']}")
+
+
+def _check_datasets(dataset_configs: Mapping[str, Any]) -> None:
+    """Values a dataset's rows would meet only later: a label range of none, an evaluation share out of (0, 1]."""
+    for name, dataset in dataset_configs.items():
+        dataset = dataset if isinstance(dataset, Mapping) else vars(dataset)
+        if int(dataset.get("num_classes", 1)) < 1:
+            raise ConfigError(
+                f"datasets.dataset_configs.{name}.num_classes: must be >= 1, got {dataset['num_classes']}"
+            )
+        if not 0 < float(dataset.get("eval_ratio", 1.0)) <= 1:
+            raise ConfigError(
+                f"datasets.dataset_configs.{name}.eval_ratio: must be in (0, 1] (a share of its validation rows), "
+                f"got {dataset['eval_ratio']}"
+            )
 
 
 def best_metric_names(dataset_configs: Mapping[str, Any]) -> list[str]:

@@ -204,3 +204,20 @@ def test_best_tracking_needs_save_steps_on_evaluation_steps():
         resolve(cfg)
     cfg["best_model_tracking"]["enabled"] = False
     assert resolve(cfg).checkpoint["every_n_train_steps"] == 7
+
+
+@pytest.mark.parametrize(
+    "dataset,line",
+    [
+        ({"num_classes": 0}, "datasets.dataset_configs.food.num_classes: must be >= 1, got 0"),
+        ({"num_classes": 3, "eval_ratio": 1.5}, "datasets.dataset_configs.food.eval_ratio: must be in (0, 1]"),
+        ({"num_classes": 3, "eval_ratio": 0}, "datasets.dataset_configs.food.eval_ratio: must be in (0, 1]"),
+    ],
+)
+def test_a_dataset_without_labels_or_with_an_evaluation_share_out_of_range_is_one_line(dataset, line):
+    cfg = make(False, True, True)
+    cfg["datasets"] = {"dataset_configs": {"food": dataset}}
+    cfg["best_model_tracking"]["enabled"] = False
+    with pytest.raises(ConfigError) as error:
+        resolve(cfg)
+    assert str(error.value).startswith(line)

@@ -156,6 +156,8 @@ def make_datamodule(
     setup: EvalSetup, eval_data: str | list[str], processor_path: Path, batch_size: int | None
 ):
     data = dict(setup.data)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch_size: must be >= 1, got {batch_size}")
     if batch_size:
         data["eval_batch_size"] = batch_size
     datamodule = QwenDataModule(

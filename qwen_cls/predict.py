@@ -176,6 +176,9 @@ def predict(
         batch_size: images per forward pass.
         config_path: the training YAML, where the checkpoint has no training_info.json.
     """
+    for key, value in (("top_k", top_k), ("batch_size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"--{key}: must be >= 1, got {value}")
     out = Path(output).open("w") if output else sys.stdout
     with contextlib.redirect_stdout(
         sys.stderr if out is sys.stdout else sys.stdout

@@ -368,6 +368,13 @@ def test_predict_with_no_readable_image_fails_and_export_refuses_a_file_as_outpu
         == f"qwen-cls: error: none of the 2 images could be read (the first: {bad / 'a.png'})"
     )
 
+    for command, flag in (("predict", "--top_k"), ("predict", "--batch_size"), ("evaluate", "--batch_size")):
+        data = (
+            ("--inputs", str(bad)) if command == "predict" else ("--eval_data", str(demo_data / "val.jsonl"))
+        )
+        code, _, err = run_main(capsys, command, "--checkpoint_path", str(run), *data, flag, "0")
+        assert code == 2 and err.strip() == f"qwen-cls: error: {flag}: must be >= 1, got 0"
+
     target = tmp_path / "model.safetensors"
     target.write_text("")
     code, _, err = run_main(

@@ -210,7 +210,10 @@ def test_best_tracking_needs_save_steps_on_evaluation_steps():
     "dataset,line",
     [
         ({"num_classes": 0}, "datasets.dataset_configs.food.num_classes: must be >= 1, got 0"),
-        ({"num_classes": 3, "eval_ratio": 1.5}, "datasets.dataset_configs.food.eval_ratio: must be in (0, 1]"),
+        (
+            {"num_classes": 3, "eval_ratio": 1.5},
+            "datasets.dataset_configs.food.eval_ratio: must be in (0, 1]",
+        ),
         ({"num_classes": 3, "eval_ratio": 0}, "datasets.dataset_configs.food.eval_ratio: must be in (0, 1]"),
     ],
 )

@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qwen_cls.commands import evaluate, report
 from qwen_cls.commands import evaluate_all as _evaluate_all
-from qwen_cls.train import FitResult, load_config_file
-from qwen_cls.train import fit as _fit
+from qwen_cls.run_dir import list_checkpoints
+
+if TYPE_CHECKING:
+    from qwen_cls.model import QwenClassifier
 
 __all__ = ["FitResult", "evaluate", "evaluate_all", "fit", "report"]
+
+
+class FitResult(NamedTuple):
+    """What ``fit`` returns: unpack it as ``model, run_dir = qwen_cls.fit(...)``."""
+
+    model: QwenClassifier
+    run_dir: Path
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return list_checkpoints(self.run_dir)
 
 
 def _flatten(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -51,13 +64,16 @@ def fit(config: str | Path | dict | None = None, **overrides: Any) -> FitResult:
         overrides: dotted keys as on the command line (``**{"training.lr": 1e-4}``) or nested dicts
             (``training={"lr": 1e-4}``).
     """
+    from qwen_cls.train import fit as train_fit
+    from qwen_cls.train import load_config_file
+
     if config is None:
         base = {}
     elif isinstance(config, dict):
         base = config
     else:
         base = load_config_file(config, key="config")
-    return _fit(with_overrides(base, overrides))
+    return train_fit(with_overrides(base, overrides))
 
 
 def evaluate_all(run_dir: str | Path, eval_data: str | Path, **kwargs: Any) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import yaml
@@ -32,6 +32,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from qwen_cls.api import FitResult
 from qwen_cls.checkpoint import LoadZero3Weights, QwenCheckpoint, load_zero3_weights, refuse_unsafe_checkpoint
 from qwen_cls.cli import parse_error
 from qwen_cls.config import (
@@ -452,17 +453,6 @@ def final_evaluation(
     if trainer.is_global_zero:
         (Path(output_dir) / "eval_final.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
-
-
-class FitResult(NamedTuple):
-    """What ``fit`` returns: unpack it as ``model, run_dir = qwen_cls.fit(...)``."""
-
-    model: QwenClassifier
-    run_dir: Path
-
-    @property
-    def checkpoints(self) -> list[Path]:
-        return list_checkpoints(self.run_dir)
 
 
 def fit(config: Mapping[str, Any]) -> FitResult:

@@ -13,7 +13,7 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 import lightning as L
 import numpy as np
@@ -140,14 +140,31 @@ def rows_change(saved: list[dict], now: list[dict]) -> str | None:
     return None
 
 
+class Batch(TypedDict, total=False):
+    """A batch as the collator builds it and the module, the monitor and the counters read it. Rows are the
+    padded sequences the model runs; samples are what is classified. Today one row holds one sample; a packed
+    batch (several samples to a row) changes the rows and ``sample_lengths``, and every count below follows."""
+
+    input_ids: torch.Tensor  # [rows, tokens]
+    attention_mask: torch.Tensor  # [rows, tokens]
+    mm_token_type_ids: torch.Tensor  # [rows, tokens]
+    pixel_values: torch.Tensor  # [patches, channels x patch size]
+    image_grid_thw: torch.Tensor  # [images, 3]: each image's patch grid (FLOPs of the vision tower)
+    labels: torch.Tensor  # [samples]
+    dataset_idx: torch.Tensor  # [samples]
+    sample_lengths: torch.Tensor  # [samples]: real tokens of each sample, visual and text, no padding
+    skipped_images: torch.Tensor  # []: rows of the sampler's batch left out (data.on_bad_image: skip)
+
+
 class Collator:
-    """Turns (image, label, dataset) triples into a processor batch plus ``labels`` and ``dataset_idx``."""
+    """Turns (image, label, dataset) triples into a :class:`Batch`: the processor's inputs, the labels and
+    datasets, each sample's real length (counted here, in the loader's process, not in the training step)."""
 
     def __init__(self, processor, prompts: list[str]):
         self.processor = processor
         self.prompts = prompts
 
-    def __call__(self, samples: list[tuple[Image.Image, int, int] | None]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[tuple[Image.Image, int, int] | None]) -> Batch:
         readable = [s for s in samples if s is not None]
         if not readable:
             raise DataError(
@@ -157,7 +174,8 @@ class Collator:
         batch = self.processor(
             text=[self.prompts[d] for d in datasets], images=list(images), padding=True, return_tensors="pt"
         )
-        batch = dict(batch)
+        batch = Batch(**batch)
+        batch["sample_lengths"] = batch["attention_mask"].sum(-1)
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
         batch["dataset_idx"] = torch.tensor(datasets, dtype=torch.long)
         batch["skipped_images"] = torch.tensor(len(samples) - len(readable))
@@ -330,7 +348,9 @@ class QwenDataModule(L.LightningDataModule):
         return self._loader(dataset, self.batch_size, sampler)
 
     def _take_resume_skip(self) -> int:
-        """Rows of this rank's share the interrupted epoch had trained on; once, for the first epoch iterated."""
+        """Rows of this rank's share the interrupted epoch had trained on; once, for the first epoch iterated.
+        The sampler gives ``batch_size`` rows to every batch, whatever the collator makes of them (skipped
+        images, packing), so batches x batch_size is what was consumed."""
         skip, self._resume_skip_batches = self._resume_skip_batches * self.batch_size, 0
         return skip
 

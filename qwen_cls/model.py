@@ -10,6 +10,7 @@ import functools
 import math
 import random
 from importlib.util import find_spec
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -44,6 +45,9 @@ from qwen_cls.modeling import (
     QwenVLForImageClassification,
 )
 from qwen_cls.strategy import make_adamw, zero_stage_3
+
+if TYPE_CHECKING:
+    from qwen_cls.data import Batch
 
 
 @functools.cache
@@ -221,7 +225,7 @@ class QwenClassifier(L.LightningModule):
         """The checkpoint's ``state_dict`` entries of what trains (LoRA keeps only those; see on_save_checkpoint)."""
         return {f"net.{n}" for n, p in self.net.named_parameters() if p.requires_grad}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
         return self.net(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
 
     def valid_classes(self, dataset_idx: torch.Tensor) -> torch.Tensor | None:
@@ -231,7 +235,7 @@ class QwenClassifier(L.LightningModule):
         columns = torch.arange(self.hparams.num_labels, device=dataset_idx.device)
         return columns[None, :] < self.dataset_num_classes[dataset_idx][:, None]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         """No host synchronisation and no collective outside logging steps: the loss tally, the non-finite
         watch and the skipped-image count stay on the device and are read once per logging step (and at each
         save). The one exception is ``on_nonfinite_loss: skip_step``, which must decide before backward."""
@@ -249,7 +253,7 @@ class QwenClassifier(L.LightningModule):
             self._skipped_images = self._skipped_images + batch["skipped_images"]
         if self.hparams.log_dataset_metrics:
             self._log_dataset_metrics(logits.detach(), batch, valid)
-        self.samples_seen += batch["labels"].shape[0] * self.trainer.world_size
+        self.samples_seen += batch["sample_lengths"].shape[0] * self.trainer.world_size  # a shape: no sync
         tally = torch.stack([loss.detach().float(), torch.ones_like(loss, dtype=torch.float)])
         self._loss_log += tally
         self._loss_save += tally
@@ -376,7 +380,7 @@ class QwenClassifier(L.LightningModule):
         if norm is not None:
             self.log("train/grad_norm", float(norm), on_step=True)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         valid = self.valid_classes(batch["dataset_idx"])
         logits = mask_logits(self(batch).float(), valid)
         losses = classification_loss(logits, batch["labels"], self.loss_config, valid, "none", training=False)

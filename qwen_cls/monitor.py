@@ -211,7 +211,7 @@ class TrainingMonitor(Callback):
             self._excluded += time.perf_counter() - self._validation_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._lengths.append(batch["attention_mask"].sum(-1))  # counted once per window, in _perf
+        self._lengths.append(batch["sample_lengths"])  # counted once per window, in _perf
         if "image_grid_thw" in batch:
             self._grids.append(batch["image_grid_thw"])
         if trainer.global_step == self._last_step:

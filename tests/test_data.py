@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen_cls.config import DatasetConfig
-from qwen_cls.data import QwenDataModule, eval_subset, export_demo_data
+from qwen_cls.data import Batch, QwenDataModule, eval_subset, export_demo_data
 from qwen_cls.errors import DataError
 from qwen_cls.rows import read_rows
 
@@ -109,3 +109,9 @@ def test_batches_carry_model_inputs_labels_and_dataset_index(tiny_model, demo_da
         assert key in batch
     assert batch["labels"].dtype == torch.long and batch["labels"].shape == (4,)
     assert batch["dataset_idx"].tolist() == [0, 0, 0, 0]
+    # one entry per sample: the real tokens of each (what throughput, MFU and samples_seen count)
+    assert torch.equal(batch["sample_lengths"], batch["attention_mask"].sum(-1))
+    assert set(batch) == set(Batch.__annotations__) - ({"mm_token_type_ids"} - set(batch))
+    images = [dm.train_dataloader().dataset[i] for i in range(3)]
+    partial = dm.collator()([images[0], None, images[2]])  # an image left out (data.on_bad_image: skip)
+    assert partial["sample_lengths"].shape == (2,) and int(partial["skipped_images"]) == 1

@@ -244,9 +244,8 @@ def evaluate_all(
             rows.append({"step": checkpoint_step(ckpt), "checkpoint": ckpt.name, **metrics})
             say(f"{ckpt.name}: {setup.best_metric} = {metrics.get(setup.best_metric, float('nan')):.4f}")
             finished = finished or info.final
-            _write_results(
-                out, run, rows, setup, eval_data
-            )  # before any logger: a result is never lost to one
+            # written before any logger runs: a result is never lost to one
+            _write_results(out, run, rows, setup, eval_data)
             if wandb and info.wandb and logger is not False:
                 logger = logger or _WandbHistory.start(info)
                 if logger and not logger.log(rows[-1]["step"], metrics):

@@ -144,10 +144,12 @@ class QwenCheckpoint(ModelCheckpoint):
         background_save: bool = True,
         disk_check: DiskCheck = "error",
         save_adapter: bool = False,
+        every_n_train_steps: int = 500,
         **kwargs: Any,
     ):
         super().__init__(
             dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
             filename=CHECKPOINT_PREFIX + "{step}",
             auto_insert_metric_name=False,
             save_last=False,
@@ -156,6 +158,7 @@ class QwenCheckpoint(ModelCheckpoint):
             **kwargs,
         )
         self.run_info = run_info or {}
+        self.save_steps = every_n_train_steps  # training.save_steps, as the resolver passed it
         self.retention = Retention(
             keep_best_only, keep_all, keep_last_n, keep_state_last_n, tracking=self.monitor is not None
         )
@@ -191,9 +194,7 @@ class QwenCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        elif trainer.global_step % self._every_n_train_steps == 0 and not self._should_skip_saving_checkpoint(
-            trainer
-        ):
+        elif trainer.global_step % self.save_steps == 0 and not self._should_skip_saving_checkpoint(trainer):
             self._defer_save_until_validation = True  # Lightning's own flag: saved in on_validation_end
 
     def on_exception(
@@ -429,7 +430,7 @@ class QwenCheckpoint(ModelCheckpoint):
         total, done, every = (
             int(trainer.estimated_stepping_batches),
             trainer.global_step,
-            self._every_n_train_steps,
+            self.save_steps,
         )
         kept = self.retention.folders_kept(total // every - done // every + (1 if total % every else 0))
         states = self.retention.states_kept(kept)

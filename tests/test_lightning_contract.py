@@ -32,7 +32,6 @@ CALLED = [
     (LightningCLI, "_instantiate_trainer"),
 ]
 INSTANCE = [
-    "_every_n_train_steps",
     "_defer_save_until_validation",
     "_last_global_step_saved",
     "_last_checkpoint_saved",

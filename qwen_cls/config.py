@@ -197,4 +197,4 @@ class WandbConfig:
     tags: list[str] | None = None
     notes: str | None = None
     log_dataset_metrics: bool = False
-    start_timeout: float = 10.0
+    start_timeout: float = 5.0

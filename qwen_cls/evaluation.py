@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qwen_cls.checkpoint import refuse_unsafe_checkpoint
-from qwen_cls.config import DatasetConfig
+from qwen_cls.config import DatasetConfig, WandbConfig
 from qwen_cls.console import say
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
@@ -398,7 +398,7 @@ class _WandbHistory:
             return False
 
         run = info.wandb
-        timeout = float(info.section("wandb").get("start_timeout") or 10.0)
+        timeout = float(info.section("wandb").get("start_timeout") or WandbConfig.start_timeout)
         try:
             handle = wandb.init(
                 id=run["id"],

@@ -11,10 +11,7 @@ The files are written in the background by default (:mod:`qwen_cls.saving`).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import pickle
 import shutil
 import time
 from functools import partial
@@ -24,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -62,7 +59,7 @@ from qwen_cls.saving import (
     use_host_checkpoint_engine,
     wait_for_ranks,
 )
-from qwen_cls.strategy import gathered_state_dict, load_into_partitions, zero_stage_3
+from qwen_cls.strategy import gathered_state_dict, zero_stage_3
 
 
 def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> tuple[int, int]:
@@ -82,29 +79,6 @@ def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> 
     weights = sum(numel(p) * p.element_size() for p in (trainable if lora else [p for _, p in named]))
     optimizer = sum(numel(p) * (8 if p.dtype == torch.float32 else 12) for p in trainable)
     return hf, weights + optimizer
-
-
-@contextlib.contextmanager
-def refuse_unsafe_checkpoint(what: str):
-    """torch.load(weights_only=True) refuses a checkpoint holding arbitrary objects; say so in one line."""
-    try:
-        yield
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{what} cannot be loaded safely: {str(e).splitlines()[0]}") from None
-
-
-def zero_weights(checkpoint: str | Path) -> dict[str, Any]:
-    """The fp32 weights in a checkpoint's sharded DeepSpeed state, keyed like the classifier's parameters;
-    lazy: DeepSpeed's ``zero_to_fp32`` reads each tensor from the shards (memory-mapped) when it is used."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state_dir = Path(checkpoint) / STATE_DIR
-    if not (state_dir / "latest").is_file():
-        raise CheckpointError(f"{checkpoint}: no DeepSpeed state in {STATE_DIR}/ (it holds no 'latest' file)")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
-        state = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), lazy_mode=True)
-    names = {k.removeprefix("_forward_module."): v for k, v in state.items()}
-    return {k.removeprefix("net."): v for k, v in names.items() if k.startswith("net.")}
 
 
 def write_hf_model(path: Path, net: Any, weights: dict[str, torch.Tensor] | None, dtype, processor) -> None:
@@ -500,23 +474,3 @@ class QwenCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
         self._elapsed_before = state_dict.get("elapsed_seconds", 0.0)
         self._saved = [Path(p).name for p in state_dict.get("saved", [])]
-
-
-def load_zero3_weights(trainer: L.Trainer, checkpoint: str | Path) -> None:
-    """A checkpoint's weights into the ZeRO-3 partitioned module, every rank taking part. DeepSpeed's own
-    loader fails for a module set up for evaluation (``'DeepSpeedZeRoOffload' object has no attribute
-    '_restore_from_bit16_weights'``, deepspeedai/DeepSpeed#7272); global rank 0 reads the consolidated
-    weights from the shards instead, one tensor at a time."""
-    weights = zero_weights(checkpoint) if trainer.is_global_zero else None
-    load_into_partitions(trainer.lightning_module.net, weights)
-
-
-class LoadZero3Weights(Callback):
-    """``qwen-cls validate --ckpt_path`` on a ZeRO-3 run: the checkpoint's weights, loaded as the strategy
-    cannot (see :func:`load_zero3_weights`), once the module is partitioned and before validating."""
-
-    def __init__(self, checkpoint: str | Path):
-        self.checkpoint = checkpoint
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        load_zero3_weights(trainer, self.checkpoint)

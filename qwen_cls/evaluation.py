@@ -21,11 +21,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from qwen_cls.checkpoint import refuse_unsafe_checkpoint
 from qwen_cls.config import DatasetConfig, WandbConfig
 from qwen_cls.console import say
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
+from qwen_cls.loading import refuse_unsafe_checkpoint
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import wandb_mode

@@ -16,7 +16,6 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from qwen_cls.checkpoint import zero_weights
 from qwen_cls.console import say
 from qwen_cls.data import load_processor
 from qwen_cls.errors import ConfigError
@@ -24,6 +23,7 @@ from qwen_cls.loading import DTYPES, training_dtype
 from qwen_cls.losses import LossConfig, head_for
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
 from qwen_cls.run_dir import HF_DIR, INFO_FILE, STATE_DIR, read_info
+from qwen_cls.strategy import zero_weights
 
 
 def export(

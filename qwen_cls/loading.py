@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import Qwen2_5_VLModel
 from transformers import logging as hf_logging
 
-from qwen_cls.errors import ConfigError
+from qwen_cls.errors import CheckpointError, ConfigError
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -237,3 +238,12 @@ def load_dtype(name: str, precision: str | None) -> torch.dtype:
     if name == "auto":
         name = {"bf16-true": "bfloat16", "16-true": "float16"}.get(str(precision), "float32")
     return DTYPES[name]
+
+
+@contextlib.contextmanager
+def refuse_unsafe_checkpoint(what: str):
+    """torch.load(weights_only=True) refuses a checkpoint holding arbitrary objects; say so in one line."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{what} cannot be loaded safely: {str(e).splitlines()[0]}") from None

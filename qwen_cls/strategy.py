@@ -9,18 +9,23 @@ so the multi-GPU code paths (ZeRO-2/3 sharding, gathering, resume) run in tests 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
+import io
 import json
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
 
-from qwen_cls.errors import ConfigError
+from qwen_cls.errors import CheckpointError, ConfigError
+from qwen_cls.run_dir import STATE_DIR
 from qwen_cls.saving import host_copy
 
 # Keys of a DeepSpeed config that qwen-cls fills in from its own settings; "auto" is accepted for each.
@@ -211,3 +216,37 @@ def load_into_partitions(module: torch.nn.Module, state: Mapping[str, Any] | Non
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if state is not None:
                 param.data.copy_(state[name].contiguous())
+
+
+def zero_weights(checkpoint: str | Path) -> dict[str, Any]:
+    """The fp32 weights in a checkpoint's sharded DeepSpeed state, keyed like the classifier's parameters;
+    lazy: DeepSpeed's ``zero_to_fp32`` reads each tensor from the shards (memory-mapped) when it is used."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state_dir = Path(checkpoint) / STATE_DIR
+    if not (state_dir / "latest").is_file():
+        raise CheckpointError(f"{checkpoint}: no DeepSpeed state in {STATE_DIR}/ (it holds no 'latest' file)")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+        state = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), lazy_mode=True)
+    names = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    return {k.removeprefix("net."): v for k, v in names.items() if k.startswith("net.")}
+
+
+def load_zero3_weights(trainer: L.Trainer, checkpoint: str | Path) -> None:
+    """A checkpoint's weights into the ZeRO-3 partitioned module, every rank taking part. DeepSpeed's own
+    loader fails for a module set up for evaluation (``'DeepSpeedZeRoOffload' object has no attribute
+    '_restore_from_bit16_weights'``, deepspeedai/DeepSpeed#7272); global rank 0 reads the consolidated
+    weights from the shards instead, one tensor at a time."""
+    weights = zero_weights(checkpoint) if trainer.is_global_zero else None
+    load_into_partitions(trainer.lightning_module.net, weights)
+
+
+class LoadZero3Weights(Callback):
+    """``qwen-cls validate --ckpt_path`` on a ZeRO-3 run: the checkpoint's weights, loaded as the strategy
+    cannot (see :func:`load_zero3_weights`), once the module is partitioned and before validating."""
+
+    def __init__(self, checkpoint: str | Path):
+        self.checkpoint = checkpoint
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        load_zero3_weights(trainer, self.checkpoint)

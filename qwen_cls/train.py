@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen_cls.api import FitResult
-from qwen_cls.checkpoint import LoadZero3Weights, QwenCheckpoint, load_zero3_weights, refuse_unsafe_checkpoint
+from qwen_cls.checkpoint import QwenCheckpoint
 from qwen_cls.cli import parse_error
 from qwen_cls.config import (
     BestModelTrackingConfig,
@@ -46,6 +46,7 @@ from qwen_cls.config import (
 from qwen_cls.console import quiet_library_chatter, say
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
+from qwen_cls.loading import refuse_unsafe_checkpoint
 from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import LogLineProgress, RunPlots, TrainingMonitor, wandb_mode
@@ -65,7 +66,13 @@ from qwen_cls.run_dir import (
     resume_state_path,
     scan_checkpoints,
 )
-from qwen_cls.strategy import build_strategy, deepspeed_kwargs, zero_stage_3
+from qwen_cls.strategy import (
+    LoadZero3Weights,
+    build_strategy,
+    deepspeed_kwargs,
+    load_zero3_weights,
+    zero_stage_3,
+)
 
 SECTIONS = {
     "loss": LossConfig,

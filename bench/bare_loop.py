@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from qwen_cls.config import DatasetConfig
+from qwen_cls.config import DatasetConfig, DatasetsConfig, LossConfig
 from qwen_cls.data import QwenDataModule
 from qwen_cls.loading import load_classifier
-from qwen_cls.losses import LossConfig, classification_loss
+from qwen_cls.losses import classification_loss
 from qwen_cls.modeling import MODEL_INPUTS
 
 
@@ -46,7 +46,7 @@ def bare_loop(
         batch_size=batch_size,
         num_workers=num_workers,
         processor_path=model_dir,
-        dataset_configs=datasets,
+        datasets=DatasetsConfig(datasets),
     )
     dm.setup("fit")
     model = load_classifier(model_dir, 10).train()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from qwen_cls.config import DatasetConfig
+from qwen_cls.config import DatasetConfig, DatasetsConfig
 from qwen_cls.data import QwenDataModule
 
 
@@ -19,7 +19,7 @@ def data_path(model_dir: str, train_jsonl: str, batches: int, batch_size: int, n
         batch_size=batch_size,
         num_workers=num_workers,
         processor_path=model_dir,
-        dataset_configs={"mnist": DatasetConfig(num_classes=10)},
+        datasets=DatasetsConfig({"mnist": DatasetConfig(num_classes=10)}),
     )
     dm.setup("fit")
     loader = iter(dm.train_dataloader())

@@ -225,6 +225,12 @@ def main() -> None:
     def seconds(name: str, k: int) -> str:  # k: 0 wall, 1 CPU
         return f"{statistics.median(w[k] for w in whole[name]):.1f}"
 
+    def fixed(process: str, loop: str) -> float:
+        """Start-up and shut-down: process start to first step, last step to exit (median over repeats)."""
+        return statistics.median(
+            whole[process][i][0] - args.steps / rate(loop, i) for i in range(args.repeats)
+        )
+
     no_eval = runs["no_eval"]
     fit_rate = statistics.median(r.steps_per_second for r in no_eval)
     train_images = fit_rate * args.batch_size
@@ -247,6 +253,8 @@ def main() -> None:
         "whole process s, wall: bare / qwen-cls fit": f"{seconds('bare', 0)} / {seconds('fit', 0)}",
         "whole process s, CPU: bare / qwen-cls fit": f"{seconds('bare', 1)} / {seconds('fit', 1)}",
         "whole process: bare / fit, wall": ratios(lambda i: whole["bare"][i][0] / whole["fit"][i][0]),
+        "fixed cost s (whole process less its steps at the in-loop rate): bare / fit": f"{fixed('bare', 'bare_saving'):.2f} / {fixed('fit', 'no_eval'):.2f}",
+        "fixed cost s: fit's over the bare loop's": f"{fixed('fit', 'no_eval') - fixed('bare', 'bare_saving'):+.2f}",
         "whole process: bare / fit, CPU": ratios(lambda i: whole["bare"][i][1] / whole["fit"][i][1]),
         "ms-swift whole process s, wall / CPU": f"{seconds('swift', 0)} / {seconds('swift', 1)}" if swift else skipped,
         "ms-swift / qwen-cls fit, whole process, wall": ratios(lambda i: whole["swift"][i][0] / whole["fit"][i][0]) if swift else skipped,

@@ -11,7 +11,6 @@ The files are written in the background by default (:mod:`qwen_cls.saving`).
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from functools import partial
@@ -32,7 +31,7 @@ from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, DiskSpaceError
 from qwen_cls.flops import describe_device
 from qwen_cls.loading import save_dtype
-from qwen_cls.lora import ADAPTER_DIR, adapter_items, is_lora_param, merged_items, scaling, write_adapter
+from qwen_cls.lora import ADAPTER_DIR, adapter_items, merged_items, scaling, write_adapter
 from qwen_cls.retention import Retention, gib
 from qwen_cls.run_dir import (
     CHECKPOINT_PREFIX,
@@ -55,41 +54,14 @@ from qwen_cls.saving import (
     BackgroundWriter,
     HostCheckpointIO,
     SaveFiles,
+    checkpoint_bytes,
     mark_done,
     use_host_checkpoint_engine,
     wait_for_ranks,
+    write_hf_model,
 )
+from qwen_cls.step_axis import STEP
 from qwen_cls.strategy import gathered_state_dict, zero_stage_3
-
-
-def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> tuple[int, int]:
-    """Estimated bytes of a checkpoint's ``hf_model/`` (weights in ``dtype``, default their own) and of its
-    resumable state (weights, AdamW's two fp32 moments, an fp32 master copy when the weights are not fp32).
-    Under DeepSpeed the state is split into one shard per rank; the total in output_dir is the same. With
-    LoRA, ``hf_model/`` holds the merged model (no adapters) and the state only what trains."""
-
-    def numel(p: torch.Tensor) -> int:  # a ZeRO-3 partition's placeholder is empty; ds_numel is the whole
-        return getattr(p, "ds_numel", p.numel())
-
-    named = list(net.named_parameters())
-    lora = any(is_lora_param(n) for n, _ in named)
-    merged = [p for n, p in named if not is_lora_param(n)]
-    hf = sum(numel(p) * (p.element_size() if dtype is None else dtype.itemsize) for p in merged)
-    trainable = [p for _, p in named if p.requires_grad]
-    weights = sum(numel(p) * p.element_size() for p in (trainable if lora else [p for _, p in named]))
-    optimizer = sum(numel(p) * (8 if p.dtype == torch.float32 else 12) for p in trainable)
-    return hf, weights + optimizer
-
-
-def write_hf_model(path: Path, net: Any, weights: dict[str, torch.Tensor] | None, dtype, processor) -> None:
-    """``save_pretrained`` of the classifier (with ``weights`` when given) and of the processor."""
-    net.save_pretrained(path, state_dict=weights)
-    if dtype is not None:  # save_pretrained records the module's dtype; the weights written are in this one
-        config = json.loads((path / "config.json").read_text())
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if processor is not None:
-        processor.save_pretrained(path)
 
 
 class QwenCheckpoint(ModelCheckpoint):
@@ -217,9 +189,9 @@ class QwenCheckpoint(ModelCheckpoint):
         """Silenced: ``qwen-cls fit`` refuses an output_dir with checkpoints unless resuming or overwriting."""
 
     def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, torch.Tensor]:
-        """Lightning takes the step for the folder name from a logged "step" metric when there is one; the
-        name must be the optimizer step whatever was (or was not) logged."""
-        return {**super()._monitor_candidates(trainer), "step": torch.tensor(trainer.global_step)}
+        """Lightning takes the step for the folder name from the logged step metric (:mod:`qwen_cls.step_axis`)
+        when there is one; the name must be the optimizer step whatever was (or was not) logged."""
+        return {**super()._monitor_candidates(trainer), STEP: torch.tensor(trainer.global_step)}
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Everything the checkpoint of this step holds is taken now (host copies when written in the

@@ -107,9 +107,24 @@ if __name__ == "__main__":
     main()
 
 
+def config_error_within(error: BaseException) -> ConfigError | None:
+    """The ConfigError a section's ``__post_init__`` raised, where jsonargparse wrapped it (a section inside a
+    union, ``model.lora``, is built while the value is checked against each type)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def parse_error(error: Exception) -> ConfigError:
     """jsonargparse's message as our one line, ``key: problem``: a bad choice lists the choices, an unknown key
     is named."""
+    within = config_error_within(error)
+    if within is not None:
+        return within
     text = " ".join(str(error).split())
     keyed = re.fullmatch(r'Parser key "([^"]+)": (.*)', text)
     if not keyed:

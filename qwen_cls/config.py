@@ -1,14 +1,21 @@
-"""The config sections (``datasets``, ``training``, ``evaluation``, ...) as typed dataclasses; jsonargparse builds the CLI and YAML schema from them.
+"""The config sections (``loss``, ``datasets``, ``training``, ``evaluation``, ...) as typed dataclasses;
+jsonargparse builds the CLI and YAML schema from them.
 
-``model:`` and ``data:`` are the init arguments of the LightningModule and the LightningDataModule;
-``loss:`` lives in :mod:`qwen_cls.losses`. How ``training.skip_evaluation`` overrides the rest is in
-:mod:`qwen_cls.policy`.
+Each section checks its own values in ``__post_init__``, wherever it is built: from YAML or the command line,
+in Python, or from a stored ``training_info.json`` (:meth:`RunConfig.from_mapping`). ``model:`` and ``data:`` are
+the init arguments of the LightningModule and the LightningDataModule, which are handed the sections they
+read. How ``training.skip_evaluation`` overrides the rest is in :mod:`qwen_cls.policy`. No torch here: the
+tools read a run's config without it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args
+
+from qwen_cls.errors import ConfigError
 
 # The choices of the config's string keys: jsonargparse refuses any other value when it parses the config,
 # listing these, and `--help` shows them.
@@ -17,6 +24,61 @@ OnNonFiniteLoss = Literal["error", "skip_step"]
 OnBadImage = Literal["error", "skip"]
 SaveDtype = Literal["auto", "bfloat16", "float32"]
 BestMode = Literal["max", "min"]
+LossType = Literal["cross_entropy", "label_smoothing", "focal", "arcface", "symmetric_ce"]
+LOSS_TYPES = get_args(LossType)
+
+COSINE_SCALE = 30.0  # ArcFace's default scale: the loss's and the saved cosine head's
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: must be {rule}, got {value}")
+
+
+@dataclass
+class LossConfig:
+    """The ``loss:`` section.
+
+    Args:
+        type: cross_entropy, label_smoothing, focal, arcface or symmetric_ce.
+        smoothing: label_smoothing: probability mass spread over the other valid classes, in [0, 1).
+        gamma: focal: focusing exponent (>= 0); 0 is cross-entropy.
+        alpha: focal: weight of the loss (> 0); symmetric_ce: weight of the cross-entropy term (>= 0).
+        beta: symmetric_ce: weight of the reverse cross-entropy term (>= 0).
+        margin: arcface: additive angular margin in radians, in [0, pi/2), applied in training only.
+        scale: arcface: the cosine logits are multiplied by it (> 0).
+        temperature: every loss divides the logits by it first (> 0).
+    """
+
+    type: LossType = "cross_entropy"
+    smoothing: float = 0.1
+    gamma: float = 2.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    margin: float = 0.2
+    scale: float = COSINE_SCALE
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (
+            self.type not in LOSS_TYPES
+        ):  # jsonargparse refuses it at parse time; this is for Python and stored configs
+            raise ConfigError(f"loss.type: unknown {self.type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        focal = self.type == "focal"
+        _require(self.temperature > 0, "loss.temperature", "> 0", self.temperature)
+        _require(0.0 <= self.smoothing < 1.0, "loss.smoothing", "in [0, 1)", self.smoothing)
+        _require(self.gamma >= 0, "loss.gamma", ">= 0", self.gamma)
+        _require(
+            self.alpha > 0 if focal else self.alpha >= 0,
+            "loss.alpha",
+            "> 0 for focal, >= 0 for symmetric_ce",
+            self.alpha,
+        )
+        _require(self.beta >= 0, "loss.beta", ">= 0", self.beta)
+        _require(0.0 <= self.margin < math.pi / 2, "loss.margin", "in [0, pi/2)", self.margin)
+        _require(self.scale > 0, "loss.scale", "> 0", self.scale)
+        if self.type == "symmetric_ce" and self.alpha == 0 and self.beta == 0:
+            raise ConfigError("loss.alpha / loss.beta: symmetric_ce needs at least one of them > 0")
 
 
 @dataclass
@@ -57,6 +119,12 @@ class LoraSettings:
     vision: bool = False
     modules_to_save: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        """Values peft would accept and train badly with, or fail on late."""
+        _require(self.r >= 1, "model.lora.r", ">= 1", self.r)
+        _require(self.alpha > 0, "model.lora.alpha", "> 0", self.alpha)
+        _require(0 <= self.dropout < 1, "model.lora.dropout", "in [0, 1)", self.dropout)
+
 
 @dataclass
 class DatasetsConfig:
@@ -70,6 +138,27 @@ class DatasetsConfig:
 
     dataset_configs: dict[str, DatasetConfig] = field(default_factory=dict)
     enable_logits_masking: bool = True
+
+    def __post_init__(self) -> None:
+        """Values a dataset's rows would meet only later: a label range of none, an evaluation share out of (0, 1]."""
+        self.dataset_configs = {
+            name: DatasetConfig(**ds) if isinstance(ds, Mapping) else ds
+            for name, ds in self.dataset_configs.items()
+        }
+        for name, ds in self.dataset_configs.items():
+            key = f"datasets.dataset_configs.{name}"
+            _require(ds.num_classes >= 1, f"{key}.num_classes", ">= 1", ds.num_classes)
+            _require(
+                0 < ds.eval_ratio <= 1,
+                f"{key}.eval_ratio",
+                "in (0, 1] (a share of its validation rows)",
+                ds.eval_ratio,
+            )
+
+    @property
+    def num_classes(self) -> list[int]:
+        """Each dataset's label count, in the order of ``dataset_configs`` (the rows' dataset indices)."""
+        return [ds.num_classes for ds in self.dataset_configs.values()]
 
 
 @dataclass
@@ -89,6 +178,12 @@ class BestModelTrackingConfig:
     metric: str = "overall_accuracy"
     mode: BestMode = "max"
     save_best_only: bool = False
+
+    def __post_init__(
+        self,
+    ) -> None:  # which metrics exist depends on the datasets: the resolver checks the name
+        if self.mode not in get_args(BestMode):
+            raise ConfigError(f"best_model_tracking.mode: must be max or min, got {self.mode!r}")
 
 
 @dataclass
@@ -152,6 +247,29 @@ class TrainingConfig:
     evaluation: EvaluationConfig | None = None
     best_model_tracking: BestModelTrackingConfig | None = None
 
+    def __post_init__(self) -> None:
+        """Values AdamW or the loop would take without complaint (or with a traceback) but that train nothing."""
+        _require(self.epochs >= 1, "training.epochs", ">= 1", self.epochs)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(
+                f"training.max_steps: {self.max_steps} trains nothing; use a positive number, or -1 for all epochs"
+            )
+        _require(self.lr > 0, "training.lr", "> 0", self.lr)
+        _require(self.weight_decay >= 0, "training.weight_decay", ">= 0", self.weight_decay)
+        _require(self.warmup_steps >= 0, "training.warmup_steps", ">= 0", self.warmup_steps)
+        _require(
+            self.max_grad_norm >= 0, "training.max_grad_norm", ">= 0 (0: no clipping)", self.max_grad_norm
+        )
+        for key in ("logging_steps", "save_steps", "eval_steps"):
+            _require(getattr(self, key) >= 1, f"training.{key}", ">= 1", getattr(self, key))
+        for key in ("keep_last_n", "keep_state_last_n"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"training.{key}", ">= 1", value)
+        if isinstance(self.evaluation, Mapping):
+            self.evaluation = EvaluationConfig(**self.evaluation)
+        if isinstance(self.best_model_tracking, Mapping):
+            self.best_model_tracking = BestModelTrackingConfig(**self.best_model_tracking)
+
 
 @dataclass
 class MonitorConfig:
@@ -171,6 +289,15 @@ class MonitorConfig:
     system_every_n_steps: int | None = None
     peak_tflops: float | None = None
     plots: bool | Literal["auto"] = "auto"
+
+    def __post_init__(
+        self,
+    ) -> None:  # a multiple of training.logging_steps: checked where both are known (monitor)
+        every = self.system_every_n_steps
+        _require(every is None or every >= 1, "monitor.system_every_n_steps", ">= 1", every)
+        _require(
+            self.peak_tflops is None or self.peak_tflops > 0, "monitor.peak_tflops", "> 0", self.peak_tflops
+        )
 
 
 @dataclass
@@ -198,3 +325,79 @@ class WandbConfig:
     notes: str | None = None
     log_dataset_metrics: bool = False
     start_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        _require(self.start_timeout > 0, "wandb.start_timeout", "> 0 seconds", self.start_timeout)
+
+
+SECTIONS = {
+    "loss": LossConfig,
+    "datasets": DatasetsConfig,
+    "training": TrainingConfig,
+    "evaluation": EvaluationConfig,
+    "best_model_tracking": BestModelTrackingConfig,
+    "wandb": WandbConfig,
+    "monitor": MonitorConfig,
+}
+
+# Keys that configs stored before the sections were handed whole to the module and the data module held as
+# copies (jsonargparse links); dropped when such a config is read, so the tools read old runs as new ones.
+_FORMER_COPIES = {
+    "model": {
+        "loss",
+        "dataset_configs",
+        "enable_logits_masking",
+        "lr",
+        "weight_decay",
+        "warmup_steps",
+        "gradient_checkpointing",
+        "on_nonfinite_loss",
+        "log_dataset_metrics",
+    },
+    "data": {"dataset_configs"},
+}
+
+
+def without_former_copies(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config in today's shape (see ``_FORMER_COPIES``)."""
+    return {
+        name: {k: v for k, v in value.items() if k not in _FORMER_COPIES[name]}
+        if name in _FORMER_COPIES and isinstance(value, Mapping)
+        else value
+        for name, value in config.items()
+    }
+
+
+@dataclass
+class RunConfig:
+    """A run's whole config, as ``training_info.json`` stores it, read back through the section classes (so
+    it is checked as when the run started). ``model`` and ``data`` stay mappings: they are the init arguments of
+    :class:`qwen_cls.model.QwenClassifier` and :class:`qwen_cls.data.QwenDataModule`, which check them."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    loss: LossConfig
+    datasets: DatasetsConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    best_model_tracking: BestModelTrackingConfig
+    wandb: WandbConfig
+    monitor: MonitorConfig
+    trainer: dict[str, Any]
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any], where: str = "config") -> RunConfig:
+        """``where`` names the source in the one-line error of a key that no section has."""
+        config = without_former_copies(config)
+        sections = {}
+        for name, section in SECTIONS.items():
+            values = dict(config.get(name) or {})
+            known = {f.name for f in fields(section)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ConfigError(f"{name}.{unknown[0]}: not a key of the {name}: section ({where})")
+            sections[name] = section(**values)
+        plain = {name: dict(config.get(name) or {}) for name in ("model", "data", "trainer")}
+        if "num_labels" not in plain["model"]:
+            raise ConfigError(f"model.num_labels: missing ({where})")
+        return cls(**plain, **sections)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoProcessor
 from transformers.image_utils import SizeDict
 
-from qwen_cls.config import DatasetConfig, OnBadImage
+from qwen_cls.config import DatasetConfig, DatasetsConfig, OnBadImage
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError, DataError
 from qwen_cls.loading import check_processor_files, qwen_model_type
@@ -212,7 +212,7 @@ class QwenDataModule(L.LightningDataModule):
         max_pixels: the processor's upper bound on image area.
         prompt_template: the question after the image; ``{dataset}`` and ``{description}`` are filled in.
         processor_path: linked from ``model.pretrained_name``.
-        dataset_configs: linked from ``datasets.dataset_configs``.
+        datasets: the ``datasets:`` section, handed over by the CLI (not a key of ``data:``).
         eval_seed: seed choosing the ``eval_ratio`` subset.
         on_bad_image: an image that fails to decode while loading: ``error`` (stop, naming file and line) or
             ``skip`` (leave it out of its batch; skipped images are counted and reported).
@@ -240,7 +240,7 @@ class QwenDataModule(L.LightningDataModule):
         max_pixels: int | None = None,
         prompt_template: str = DEFAULT_PROMPT,
         processor_path: str | None = None,
-        dataset_configs: dict[str, DatasetConfig] | None = None,
+        datasets: DatasetsConfig | None = None,
         eval_seed: int = 0,
         on_bad_image: OnBadImage = "error",
         check_images: CheckLevel = "header",
@@ -251,7 +251,7 @@ class QwenDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"data.batch_size: must be >= 1, got {batch_size}")
-        if not dataset_configs:
+        if datasets is None or not datasets.dataset_configs:
             raise ConfigError("datasets.dataset_configs: name at least one dataset with its num_classes")
         self.train_jsonl = train_jsonl
         self.val_jsonl = val_jsonl
@@ -262,7 +262,7 @@ class QwenDataModule(L.LightningDataModule):
         self.max_pixels = max_pixels
         self.prompt_template = prompt_template
         self.processor_path = processor_path
-        self.dataset_configs = dict(dataset_configs)
+        self.dataset_configs = datasets.dataset_configs
         self.eval_seed = eval_seed
         self.on_bad_image = on_bad_image
         self.check_images = check_images

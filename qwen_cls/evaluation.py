@@ -11,22 +11,19 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from qwen_cls.config import DatasetConfig, WandbConfig
+from qwen_cls.config import BestModelTrackingConfig, RunConfig, WandbConfig
 from qwen_cls.console import say
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
 from qwen_cls.loading import refuse_unsafe_checkpoint
-from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import wandb_mode
 from qwen_cls.run_dir import (
@@ -48,65 +45,19 @@ from qwen_cls.run_dir import (
     scan_checkpoints,
     write_best,
 )
-
-DATA_KEYS = (
-    "batch_size",
-    "eval_batch_size",
-    "num_workers",
-    "min_pixels",
-    "max_pixels",
-    "prompt_template",
-    "check_images",
-    "index_cache_dir",
-)
+from qwen_cls.step_axis import define_wandb_axis, wandb_row
 
 
-@dataclass
-class EvalSetup:
-    """What evaluation needs from a training config."""
-
-    num_labels: int
-    base_model: str
-    datasets: dict[str, DatasetConfig]
-    loss: LossConfig
-    attn_implementation: str = "auto"
-    data: dict[str, Any] = field(default_factory=dict)
-    best_metric: str = "overall_accuracy"
-    best_mode: str = "max"
-
-
-def read_setup(checkpoint: Path, config_path: str | None) -> EvalSetup:
-    """From ``config_path`` (the training YAML) or else the config stored in the checkpoint."""
+def read_config(checkpoint: Path, config_path: str | None) -> RunConfig:
+    """From ``config_path`` (the training YAML) or else the config stored in the checkpoint, through the
+    section classes (:meth:`RunConfig.from_mapping`)."""
     if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"--config_path: {path} not found")
-        cfg = yaml.safe_load(path.read_text()) or {}
-    else:
-        info = checkpoint / INFO_FILE
-        if not info.is_file():
-            raise ConfigError(f"--checkpoint_path: {checkpoint} has no {INFO_FILE}; pass --config_path")
-        cfg = read_info(checkpoint).config
-    model, data, best = (dict(cfg.get(k) or {}) for k in ("model", "data", "best_model_tracking"))
-    if "num_labels" not in model:
-        raise ConfigError("model.num_labels: missing from the config")
-    try:
-        datasets = {
-            k: DatasetConfig(**v) for k, v in (cfg.get("datasets") or {}).get("dataset_configs", {}).items()
-        }
-        loss = LossConfig(**(cfg.get("loss") or {}))
-    except TypeError as e:
-        raise ConfigError(f"config: {e}") from None
-    return EvalSetup(
-        num_labels=model["num_labels"],
-        base_model=model.get("pretrained_name", ""),
-        datasets=datasets,
-        loss=loss,
-        attn_implementation=model.get("attn_implementation", "auto"),
-        data={k: data[k] for k in DATA_KEYS if data.get(k) is not None},
-        best_metric=best.get("metric", "overall_accuracy"),
-        best_mode=best.get("mode", "max"),
-    )
+        from qwen_cls.train import load_config_file
+
+        return RunConfig.from_mapping(load_config_file(config_path, "--config_path"), str(config_path))
+    if not (checkpoint / INFO_FILE).is_file():
+        raise ConfigError(f"--checkpoint_path: {checkpoint} has no {INFO_FILE}; pass --config_path")
+    return RunConfig.from_mapping(read_info(checkpoint).config, str(checkpoint / INFO_FILE))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -124,11 +75,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_module(checkpoint: Path, setup: EvalSetup) -> QwenClassifier:
+def load_module(checkpoint: Path, run: RunConfig) -> QwenClassifier:
     """The trained module of a checkpoint: from ``hf_model/``, or else from the Lightning state in ``deepspeed/``."""
     hf_dir, state = checkpoint / HF_DIR, checkpoint / STATE_DIR / STATE_FILE
-    kwargs = {"num_labels": setup.num_labels, "loss": setup.loss, "dataset_configs": setup.datasets}
-    kwargs["attn_implementation"] = setup.attn_implementation
+    kwargs = {"num_labels": run.model["num_labels"], "loss": run.loss, "datasets": run.datasets}
+    kwargs["attn_implementation"] = run.model.get("attn_implementation", "auto")
     if hf_dir.is_dir():
         return QwenClassifier(pretrained_name=str(hf_dir), **kwargs)
     if (checkpoint / STATE_DIR / "latest").is_file():
@@ -140,7 +91,7 @@ def load_module(checkpoint: Path, setup: EvalSetup) -> QwenClassifier:
         raise ConfigError(
             f"--checkpoint_path: {checkpoint} has neither {HF_DIR}/ nor {STATE_DIR}/{STATE_FILE}"
         )
-    module = QwenClassifier(pretrained_name=setup.base_model, **kwargs)
+    module = QwenClassifier(pretrained_name=run.model["pretrained_name"], **kwargs)
     module.configure_model()
     module.load_state_dict(load_state(state)["state_dict"])
     return module
@@ -152,23 +103,20 @@ def load_state(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def make_datamodule(
-    setup: EvalSetup, eval_data: str | list[str], processor_path: Path, batch_size: int | None
-):
-    data = dict(setup.data)
+def make_datamodule(run: RunConfig, eval_data: str | list[str], processor_path: Path, batch_size: int | None):
+    """The run's own ``data:`` settings (batch size, pixel bounds, prompt, workers, image checks), on ``eval_data``."""
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch_size: must be >= 1, got {batch_size}")
+    data = {**run.data, "train_jsonl": None, "val_jsonl": eval_data, "processor_path": str(processor_path)}
     if batch_size:
         data["eval_batch_size"] = batch_size
-    datamodule = QwenDataModule(
-        val_jsonl=eval_data, processor_path=str(processor_path), dataset_configs=setup.datasets, **data
-    )
+    datamodule = QwenDataModule(**data, datasets=run.datasets)
     datamodule.full_eval = True
     return datamodule
 
 
-def _processor_path(checkpoint: Path, setup: EvalSetup) -> Path:
-    return checkpoint / HF_DIR if (checkpoint / HF_DIR).is_dir() else Path(setup.base_model)
+def _processor_path(checkpoint: Path, run: RunConfig) -> Path:
+    return checkpoint / HF_DIR if (checkpoint / HF_DIR).is_dir() else Path(run.model["pretrained_name"])
 
 
 def _trainer() -> L.Trainer:
@@ -191,12 +139,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate one checkpoint and print a table (``qwen-cls evaluate``; the parameters: :func:`qwen_cls.commands.evaluate`)."""
     checkpoint = resolve_checkpoint(checkpoint_path)
-    setup = read_setup(checkpoint, config_path)
-    datamodule = make_datamodule(setup, eval_data, _processor_path(checkpoint, setup), batch_size)
-    module = load_module(checkpoint, setup)  # its errors before the trainer's banner
+    run = read_config(checkpoint, config_path)
+    datamodule = make_datamodule(run, eval_data, _processor_path(checkpoint, run), batch_size)
+    module = load_module(checkpoint, run)  # its errors before the trainer's banner
     metrics = _validate(_trainer(), module, datamodule)
     result = {"checkpoint": str(checkpoint), "eval_data": str(eval_data), **metrics}
-    _print_table(result, list(setup.datasets) or ["default"])
+    _print_table(result, module.dataset_names)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
@@ -228,7 +176,7 @@ def evaluate_all(
             "--wait_for_run to wait for a run to start there"
         )
     rows: list[dict[str, Any]] = []
-    trainer, datamodule, setup, logger = _trainer(), None, None, None
+    trainer, datamodule, config, logger = _trainer(), None, None, None
     watcher = _Watch(run, stale_after, poll_seconds) if watch else None
     started, finished = time.monotonic(), False
     while True:
@@ -236,16 +184,17 @@ def evaluate_all(
         for ckpt in list_checkpoints(run) if run.is_dir() else []:
             if checkpoint_step(ckpt) in done:
                 continue
-            if setup is None:
-                setup = read_setup(ckpt, config_path)
-                datamodule = make_datamodule(setup, eval_data, _processor_path(ckpt, setup), batch_size)
+            if config is None:
+                config = read_config(ckpt, config_path)
+                datamodule = make_datamodule(config, eval_data, _processor_path(ckpt, config), batch_size)
             info = read_info(ckpt)
-            metrics = _validate(trainer, load_module(ckpt, setup), datamodule)
+            metrics = _validate(trainer, load_module(ckpt, config), datamodule)
             rows.append({"step": checkpoint_step(ckpt), "checkpoint": ckpt.name, **metrics})
-            say(f"{ckpt.name}: {setup.best_metric} = {metrics.get(setup.best_metric, float('nan')):.4f}")
+            metric = config.best_model_tracking.metric
+            say(f"{ckpt.name}: {metric} = {metrics.get(metric, float('nan')):.4f}")
             finished = finished or info.final
             # written before any logger runs: a result is never lost to one
-            _write_results(out, run, rows, setup, eval_data)
+            _write_results(out, run, rows, config, eval_data)
             if wandb and info.wandb and logger is not False:
                 logger = logger or _WandbHistory.start(info)
                 if logger and not logger.log(rows[-1]["step"], metrics):
@@ -259,7 +208,7 @@ def evaluate_all(
     if logger:
         logger.finish()
     if rows:
-        _print_ranking(rows, setup)
+        _print_ranking(rows, config.best_model_tracking)
     return rows
 
 
@@ -319,7 +268,7 @@ class _Watch:
 
 
 def _write_results(
-    out: Path, run: Path, rows: list[dict[str, Any]], setup: EvalSetup, eval_data: str
+    out: Path, run: Path, rows: list[dict[str, Any]], config: RunConfig, eval_data: str
 ) -> None:
     rows.sort(key=lambda r: r["step"])
     out.mkdir(parents=True, exist_ok=True)
@@ -328,18 +277,20 @@ def _write_results(
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    best = best_row(rows, setup.best_metric, setup.best_mode)
+    tracking = config.best_model_tracking
+    best = best_row(rows, tracking.metric, tracking.mode)
     record = BestRecord(
         checkpoint=best["checkpoint"],
         step=best["step"],
-        metric=setup.best_metric,
-        mode=setup.best_mode,
-        value=best[setup.best_metric],
+        metric=tracking.metric,
+        mode=tracking.mode,
+        value=best[tracking.metric],
         source="evaluate-all",
         eval_data=str(eval_data),
     )
     write_best(out, record)
-    _plot(out / PLOT_FILE, run.name, rows, list(setup.datasets), {**best, "metric_name": setup.best_metric})
+    datasets = list(config.datasets.dataset_configs)
+    _plot(out / PLOT_FILE, run.name, rows, datasets, {**best, "metric_name": tracking.metric})
 
 
 def _plot(
@@ -409,8 +360,7 @@ class _WandbHistory:
                 mode=wandb_mode(timeout),
                 settings=wandb.Settings(init_timeout=timeout),
             )
-            handle.define_metric("trainer/global_step")
-            handle.define_metric("eval/*", step_metric="trainer/global_step")
+            define_wandb_axis(handle)
         except Exception as e:  # wandb's errors are many and its own; the results are written regardless
             say(
                 f"W&B: not logging the results to run {run['id']} ({type(e).__name__}: {str(e).splitlines()[0]})"
@@ -420,7 +370,7 @@ class _WandbHistory:
 
     def log(self, step: int, metrics: dict[str, float]) -> bool:
         try:
-            self.run.log({"trainer/global_step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            self.run.log(wandb_row(step, metrics, "eval"))
         except Exception as e:  # as in start
             say(
                 f"W&B: logging stopped ({type(e).__name__}: {str(e).splitlines()[0]}); the results are in the CSV"
@@ -449,12 +399,10 @@ def _print_table(metrics: dict[str, Any], dataset_names: list[str]) -> None:
     Console().print(table)
 
 
-def _print_ranking(rows: list[dict[str, Any]], setup: EvalSetup) -> None:
-    metric = setup.best_metric
-    ranked = sorted(
-        (r for r in rows if metric in r), key=lambda r: r[metric], reverse=setup.best_mode == "max"
-    )
-    table = Table(title=f"checkpoints ranked by {metric} ({setup.best_mode})")
+def _print_ranking(rows: list[dict[str, Any]], tracking: BestModelTrackingConfig) -> None:
+    metric = tracking.metric
+    ranked = sorted((r for r in rows if metric in r), key=lambda r: r[metric], reverse=tracking.mode == "max")
+    table = Table(title=f"checkpoints ranked by {metric} ({tracking.mode})")
     for column in ("rank", "checkpoint", metric, "top-5", "loss"):
         table.add_column(column, justify="left" if column == "checkpoint" else "right")
     for rank, row in enumerate(ranked, start=1):

@@ -16,11 +16,12 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoProcessor
 
+from qwen_cls.config import LoraSettings, RunConfig
 from qwen_cls.console import say
 from qwen_cls.data import load_processor
 from qwen_cls.errors import ConfigError
 from qwen_cls.loading import DTYPES, training_dtype
-from qwen_cls.losses import LossConfig, head_for
+from qwen_cls.losses import head_for
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
 from qwen_cls.run_dir import HF_DIR, INFO_FILE, STATE_DIR, read_info
 from qwen_cls.strategy import zero_weights
@@ -53,14 +54,15 @@ def export(
         )
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    lora = (info.section("model").get("lora") or {}).get("enabled")
+    run = RunConfig.from_mapping(info.config, str(info_file))
+    lora = run.model.get("lora") and LoraSettings(**run.model["lora"]).enabled
     if shards and lora and not (checkpoint / HF_DIR).is_dir():
         raise ConfigError(
             f"--checkpoint_path: {checkpoint} is a LoRA checkpoint whose hf_model/ (the merged model) is missing; "
             f"its {STATE_DIR}/ holds only what trained (adapters and head), not the model"
         )
     if shards and not lora:
-        count = _from_shards(checkpoint, info.config, DTYPES[dtype], tmp)
+        count = _from_shards(checkpoint, run, DTYPES[dtype], tmp)
     else:  # no shards (a state not kept, one device's Lightning state) or LoRA: hf_model/ holds the model
         model = QwenVLForImageClassification.from_pretrained(checkpoint / HF_DIR, dtype=DTYPES[dtype])
         count = sum(p.numel() for p in model.parameters())
@@ -73,12 +75,11 @@ def export(
     return target
 
 
-def _from_shards(checkpoint: Path, cfg: dict, dtype: torch.dtype, out: Path) -> int:
+def _from_shards(checkpoint: Path, run: RunConfig, dtype: torch.dtype, out: Path) -> int:
     """The classifier (config of the base model in the run's config) with the shards' weights, and the base
     model's processor, written to ``out``; returns the parameter count."""
-    base = cfg["model"]["pretrained_name"]
-    loss = LossConfig(**(cfg.get("loss") or {}))
-    config = _config(base, int(cfg["model"]["num_labels"]), head_for(loss.type), loss.scale)
+    base = run.model["pretrained_name"]
+    config = _config(base, int(run.model["num_labels"]), head_for(run.loss.type), run.loss.scale)
     weights = zero_weights(checkpoint)
     state = {name: tensor.contiguous().to(dtype) for name, tensor in weights.items()}
     with torch.device("meta"):  # only the structure: save_pretrained writes the weights given
@@ -89,8 +90,7 @@ def _from_shards(checkpoint: Path, cfg: dict, dtype: torch.dtype, out: Path) -> 
             f"--checkpoint_path: {checkpoint} lacks {len(missing)} weights of the classifier, e.g. {missing[:3]}"
         )
     model.save_pretrained(out, state_dict=state)
-    data = cfg.get("data") or {}
-    load_processor(base, data.get("min_pixels"), data.get("max_pixels")).save_pretrained(out)
+    load_processor(base, run.data.get("min_pixels"), run.data.get("max_pixels")).save_pretrained(out)
     return sum(t.numel() for t in state.values())
 
 

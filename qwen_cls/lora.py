@@ -25,16 +25,6 @@ VISION_PROJECTIONS = ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "
 ADAPTER_DIR = "adapter"
 
 
-def check_settings(settings: LoraSettings) -> None:
-    """Values peft would accept and train badly with, or fail on late; before anything is built."""
-    if settings.r < 1:
-        raise ConfigError(f"model.lora.r: must be >= 1, got {settings.r}")
-    if settings.alpha <= 0:
-        raise ConfigError(f"model.lora.alpha: must be > 0, got {settings.alpha}")
-    if not 0 <= settings.dropout < 1:
-        raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {settings.dropout}")
-
-
 def target_modules(settings: LoraSettings) -> str | list[str]:
     """peft's ``target_modules``: the user's suffixes, or a pattern over the language model's projections
     (and the vision tower's with ``vision``); a pattern, because the vision MLP has the same names."""

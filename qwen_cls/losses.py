@@ -9,65 +9,12 @@ over all columns, it puts mass on zero-probability classes: an infinite loss).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
-from qwen_cls.errors import ConfigError
-from qwen_cls.modeling import QwenVLClassifierConfig
+from qwen_cls.config import LossConfig
 
-LossType = Literal["cross_entropy", "label_smoothing", "focal", "arcface", "symmetric_ce"]
-LOSS_TYPES = get_args(LossType)
 RCE_LOG_ZERO = math.log(1e-4)  # symmetric CE's reverse term clamps the one-hot target at 1e-4
-
-
-@dataclass
-class LossConfig:
-    """The ``loss:`` section.
-
-    Args:
-        type: cross_entropy, label_smoothing, focal, arcface or symmetric_ce.
-        smoothing: label_smoothing: probability mass spread over the other valid classes, in [0, 1).
-        gamma: focal: focusing exponent (>= 0); 0 is cross-entropy.
-        alpha: focal: weight of the loss (> 0); symmetric_ce: weight of the cross-entropy term (>= 0).
-        beta: symmetric_ce: weight of the reverse cross-entropy term (>= 0).
-        margin: arcface: additive angular margin in radians, in [0, pi/2), applied in training only.
-        scale: arcface: the cosine logits are multiplied by it (> 0).
-        temperature: every loss divides the logits by it first (> 0).
-    """
-
-    type: LossType = "cross_entropy"
-    smoothing: float = 0.1
-    gamma: float = 2.0
-    alpha: float = 1.0
-    beta: float = 1.0
-    margin: float = 0.2
-    scale: float = QwenVLClassifierConfig.cosine_scale
-    temperature: float = 1.0
-
-
-def validate_loss_config(cfg: LossConfig) -> None:
-    """Raise ``ConfigError`` naming the key for a value a run would trip over later (``type`` is a choice
-    jsonargparse checks when it parses the config)."""
-    checks = [
-        ("temperature", cfg.temperature > 0, "> 0"),
-        ("smoothing", 0.0 <= cfg.smoothing < 1.0, "in [0, 1)"),
-        ("gamma", cfg.gamma >= 0, ">= 0"),
-        (
-            "alpha",
-            cfg.alpha > 0 if cfg.type == "focal" else cfg.alpha >= 0,
-            "> 0 for focal, >= 0 for symmetric_ce",
-        ),
-        ("beta", cfg.beta >= 0, ">= 0"),
-        ("margin", 0.0 <= cfg.margin < math.pi / 2, "in [0, pi/2)"),
-        ("scale", cfg.scale > 0, "> 0"),
-    ]
-    for key, ok, rule in checks:
-        if not ok:
-            raise ConfigError(f"loss.{key}: must be {rule}, got {getattr(cfg, key)}")
-    if cfg.type == "symmetric_ce" and cfg.alpha == 0 and cfg.beta == 0:
-        raise ConfigError("loss.alpha / loss.beta: symmetric_ce needs at least one of them > 0")
 
 
 def mask_logits(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

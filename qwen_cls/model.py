@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from dataclasses import asdict
 from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
@@ -18,14 +19,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers.optimization import get_cosine_schedule_with_warmup
 
-from qwen_cls.config import (
-    DatasetConfig,
-    DatasetsConfig,
-    LoraSettings,
-    OnNonFiniteLoss,
-    TrainingConfig,
-    WandbConfig,
-)
+from qwen_cls.config import DatasetsConfig, LoraSettings, LossConfig, TrainingConfig, WandbConfig
 from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, NonFiniteLossError
 from qwen_cls.loading import (
@@ -36,14 +30,15 @@ from qwen_cls.loading import (
     load_dtype,
     qwen_model_type,
 )
-from qwen_cls.lora import adapted, apply_lora, check_settings
-from qwen_cls.losses import LossConfig, classification_loss, head_for, mask_logits, validate_loss_config
+from qwen_cls.lora import adapted, apply_lora
+from qwen_cls.losses import classification_loss, head_for, mask_logits
 from qwen_cls.metrics import ClassificationMetrics
 from qwen_cls.modeling import (
     MODEL_INPUTS,
     QwenVLClassifierConfig,
     QwenVLForImageClassification,
 )
+from qwen_cls.step_axis import step_metric
 from qwen_cls.strategy import make_adamw, zero_stage_3
 
 if TYPE_CHECKING:
@@ -70,16 +65,15 @@ class QwenClassifier(L.LightningModule):
             new label set. Without it the trained head is loaded, and must have ``num_labels`` columns.
         lora: low-rank adapters (peft) instead of a full fine-tune: ``enabled``, ``r``, ``alpha``, ``dropout``,
             ``target_modules``, ``vision``, ``modules_to_save`` (see :class:`qwen_cls.config.LoraSettings`).
-        loss: linked from the ``loss:`` section.
-        dataset_configs: linked from ``datasets.dataset_configs``.
-        enable_logits_masking: linked from ``datasets.enable_logits_masking``.
-        lr: linked from ``training.lr``.
-        weight_decay: linked from ``training.weight_decay``.
-        warmup_steps: linked from ``training.warmup_steps``.
-        gradient_checkpointing: linked from ``training.gradient_checkpointing``.
-        on_nonfinite_loss: linked from ``training.on_nonfinite_loss``.
-        log_dataset_metrics: linked from ``wandb.log_dataset_metrics``: also log training accuracy and loss
-            per dataset (``train/<dataset>_accuracy``, ``train/<dataset>_loss``).
+        loss: the ``loss:`` section.
+        datasets: the ``datasets:`` section (each dataset's label count; logits masking).
+        training: the ``training:`` section (the optimizer, its schedule, gradient checkpointing, non-finite
+            losses), as the resolver left it.
+        log_dataset_metrics: ``wandb.log_dataset_metrics``: also log training accuracy and loss per dataset
+            (``train/<dataset>_accuracy``, ``train/<dataset>_loss``).
+
+    ``loss``, ``datasets``, ``training`` and ``log_dataset_metrics`` are not keys of the ``model:`` section: the
+    CLI hands the sections over (see :data:`qwen_cls.train.SECTION_LINKS`); in Python, pass them.
     """
 
     def __init__(
@@ -92,34 +86,44 @@ class QwenClassifier(L.LightningModule):
         reinit_head: bool = False,
         lora: LoraSettings | None = None,
         loss: LossConfig | None = None,
-        dataset_configs: dict[str, DatasetConfig] | None = None,
-        enable_logits_masking: bool = DatasetsConfig.enable_logits_masking,
-        lr: float = TrainingConfig.lr,
-        weight_decay: float = TrainingConfig.weight_decay,
-        warmup_steps: float = TrainingConfig.warmup_steps,
-        gradient_checkpointing: bool = TrainingConfig.gradient_checkpointing,
-        on_nonfinite_loss: OnNonFiniteLoss = TrainingConfig.on_nonfinite_loss,
+        datasets: DatasetsConfig | None = None,
+        training: TrainingConfig | None = None,
         log_dataset_metrics: bool = WandbConfig.log_dataset_metrics,
     ):
         super().__init__()
-        self.save_hyperparameters()
         self.loss_config = loss or LossConfig()
-        validate_loss_config(self.loss_config)
         self.lora = lora or LoraSettings()
         if self.lora.enabled:
-            check_settings(self.lora)
             self.strict_loading = False  # a LoRA checkpoint holds what trains; the frozen base is loaded anew
-        self.dataset_configs = dict(dataset_configs or {})
-        for name, ds in self.dataset_configs.items():
+        self.datasets = datasets or DatasetsConfig()
+        self.train_config = training or TrainingConfig()  # not `self.training`: nn.Module's train/eval flag
+        # plain values only: a checkpoint pickles no class of ours (weights_only loads it), and the loggers
+        # record the sections as mappings
+        self.save_hyperparameters(
+            {
+                "pretrained_name": pretrained_name,
+                "num_labels": num_labels,
+                "torch_dtype": torch_dtype,
+                "attn_implementation": attn_implementation,
+                "freeze_vision": freeze_vision,
+                "reinit_head": reinit_head,
+                "lora": asdict(self.lora),
+                "loss": asdict(self.loss_config),
+                "datasets": asdict(self.datasets),
+                "training": asdict(self.train_config),
+                "log_dataset_metrics": log_dataset_metrics,
+            }
+        )
+        for name, ds in self.datasets.dataset_configs.items():
             if ds.num_classes > num_labels:
                 raise ConfigError(
                     f"model.num_labels: {num_labels} is smaller than datasets.dataset_configs.{name}.num_classes "
                     f"({ds.num_classes})"
                 )
-        self.dataset_names = list(self.dataset_configs) or ["default"]
-        classes = [ds.num_classes for ds in self.dataset_configs.values()] or [num_labels]
+        self.dataset_names = list(self.datasets.dataset_configs) or ["default"]
+        classes = self.datasets.num_classes or [num_labels]
         self.register_buffer("dataset_num_classes", torch.tensor(classes), persistent=False)
-        self.masking = enable_logits_masking and min(classes) < num_labels
+        self.masking = self.datasets.enable_logits_masking and min(classes) < num_labels
         self.net: QwenVLForImageClassification | None = None
         self.val_metrics = ClassificationMetrics(self.dataset_names)
         self.last_eval_metrics: dict[str, float] = {}
@@ -193,10 +197,10 @@ class QwenClassifier(L.LightningModule):
                 )
         if hp.freeze_vision:
             self.net.model.visual.requires_grad_(False)
-        if hp.gradient_checkpointing:
+        if self.train_config.gradient_checkpointing:
             self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.lora.enabled:
-            if hp.gradient_checkpointing:
+            if self.train_config.gradient_checkpointing:
                 self.net.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
             # kept outside the module tree: its parameters are self.net's, which it wraps
             partitioned = self._trainer is not None and zero_stage_3(self._trainer.strategy)
@@ -243,11 +247,11 @@ class QwenClassifier(L.LightningModule):
         valid = self.valid_classes(batch["dataset_idx"])
         loss = classification_loss(logits, batch["labels"], self.loss_config, valid)
         step = self.trainer.global_step + 1
-        if self.hparams.on_nonfinite_loss == "skip_step" and not self._finite_on_every_rank(
+        if self.train_config.on_nonfinite_loss == "skip_step" and not self._finite_on_every_rank(
             loss, batch, step
         ):
             return None  # Lightning skips backward and the optimizer step
-        if self.hparams.on_nonfinite_loss == "error":
+        if self.train_config.on_nonfinite_loss == "error":
             self._watch_finite(loss.detach(), batch, step)
         if "skipped_images" in batch:
             self._skipped_images = self._skipped_images + batch["skipped_images"]
@@ -262,9 +266,8 @@ class QwenClassifier(L.LightningModule):
                 "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True
             )
             self.log("train/epoch", float(self.current_epoch), on_step=True)
-            # Lightning takes a logged "step" as the x-axis: the optimizer step this batch completes, the number
-            # in the checkpoint names (its default is that number minus one)
-            self.log("step", float(step), on_step=True, on_epoch=False)
+            # the x-axis (qwen_cls.step_axis): the optimizer step this batch completes
+            self.log_dict(step_metric(step), on_step=True, on_epoch=False)
         return loss
 
     def is_logging_step(self, step: int) -> bool:
@@ -285,7 +288,7 @@ class QwenClassifier(L.LightningModule):
 
     def raise_if_nonfinite(self) -> None:
         """One read (and one all-gather across ranks): stop, naming the first non-finite step, if any."""
-        if self.hparams.on_nonfinite_loss != "error":
+        if self.train_config.on_nonfinite_loss != "error":
             return
         steps = self.trainer.strategy.all_gather(self._bad_step).reshape(-1).tolist()
         positions, self._positions = self._positions, {}
@@ -393,7 +396,7 @@ class QwenClassifier(L.LightningModule):
             self.last_eval_step = self.trainer.global_step
             metrics = {f"eval/{k}": float(v) for k, v in self.last_eval_metrics.items()}
             if self.trainer.state.fn == "fit":  # logged against the optimizer step it evaluates
-                metrics["step"] = float(self.trainer.global_step)
+                metrics.update(step_metric(self.trainer.global_step))
             self.log_dict(metrics, sync_dist=False)
 
     def on_train_end(self) -> None:
@@ -403,7 +406,7 @@ class QwenClassifier(L.LightningModule):
             )
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.train_config
         trainable = [p for p in self.net.parameters() if p.requires_grad]
         # a ZeRO-3 partition is an empty placeholder; its real shape is ds_shape
         decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]

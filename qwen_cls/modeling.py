@@ -18,6 +18,8 @@ from transformers import AutoConfig, AutoModelForImageClassification, Qwen2_5_VL
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 
+from qwen_cls.config import COSINE_SCALE
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
@@ -28,7 +30,7 @@ class QwenVLClassifierConfig(Qwen2_5_VLConfig):
 
     model_type = "qwen2_5_vl_classifier"
     classifier_head: str = "linear"
-    cosine_scale: float = 30.0  # ArcFace's default scale (losses.LossConfig.scale takes it from here)
+    cosine_scale: float = COSINE_SCALE
 
 
 def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

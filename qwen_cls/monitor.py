@@ -24,6 +24,7 @@ from qwen_cls import plots
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
 from qwen_cls.flops import device_peak_flops, forward_flops_by_part, pass_factors
+from qwen_cls.step_axis import define_wandb_axis
 
 
 def wandb_online() -> bool:
@@ -188,8 +189,7 @@ class TrainingMonitor(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):  # one x-axis for every metric: the optimizer step
-                    for prefix in ("train", "perf", "system", "eval"):
-                        logger.experiment.define_metric(f"{prefix}/*", step_metric="trainer/global_step")
+                    define_wandb_axis(logger.experiment)
         self._last_step = trainer.global_step
         self._open_window()
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from qwen_cls.step_axis import STEP
+
 PLOTS_DIR = "plots"
 LOG_GLOB = "logs/version_*/metrics.csv"
 
@@ -29,10 +31,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     for log in logs:
         with log.open() as fh:
             for row in csv.DictReader(fh):
-                if not row.get("step"):
+                if not row.get(STEP):
                     continue
-                step = int(float(row["step"]))
-                values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"}
+                step = int(float(row[STEP]))
+                values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != STEP}
                 by_step.setdefault(step, {}).update(values)
     return [{"step": step, **by_step[step]} for step in sorted(by_step)]
 

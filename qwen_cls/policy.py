@@ -72,18 +72,14 @@ def _set(cfg: dict, dotted: str, value: Any) -> None:
 
 def resolve(config: Mapping[str, Any]) -> Resolution:
     """Resolve a parsed config (plain nested dicts: ``training``, ``evaluation``, ``best_model_tracking``
-    and optionally ``trainer``) without touching the input."""
+    and optionally ``trainer``) without touching the input. Each value on its own was checked by its section's
+    class (:mod:`qwen_cls.config`); what the resolver checks is how keys of different sections fit together."""
     cfg = copy.deepcopy(dict(config))
     training = cfg.setdefault("training", {})
     for section in NESTED_UNDER_TRAINING:
         nested = training.pop(section, None)
         if nested:
             cfg[section] = {**cfg.get(section, {}), **nested}
-    for key in ("save_steps", "logging_steps", "eval_steps"):
-        if int(training.get(key, 1)) < 1:
-            raise ConfigError(f"training.{key}: must be >= 1, got {training.get(key)}")
-    _check_run_length_and_rates(training)
-    _check_datasets((cfg.get("datasets") or {}).get("dataset_configs") or {})
 
     user_trainer = cfg.get("trainer") or {}
     overrides: list[Override] = []
@@ -154,38 +150,6 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
         )
         checkpoint.update(monitor=f"eval/{metric}", mode=mode, keep_best_only=bool(keep_best_only))
     return Resolution(cfg, trainer, checkpoint, overrides)
-
-
-def _check_run_length_and_rates(training: Mapping[str, Any]) -> None:
-    """Values AdamW or the loop would take without complaint (or with a traceback) but that train nothing."""
-    if "lr" in training and not float(training["lr"]) > 0:
-        raise ConfigError(f"training.lr: must be > 0, got {training['lr']}")
-    if float(training.get("warmup_steps", 0)) < 0:
-        raise ConfigError(f"training.warmup_steps: must be >= 0, got {training['warmup_steps']}")
-    if float(training.get("weight_decay", 0)) < 0:
-        raise ConfigError(f"training.weight_decay: must be >= 0, got {training['weight_decay']}")
-    max_steps = int(training.get("max_steps", -1))
-    if max_steps == 0 or max_steps < -1:
-        raise ConfigError(
-            f"training.max_steps: {max_steps} trains nothing; use a positive number, or -1 for all epochs"
-        )
-    if int(training.get("epochs", 1)) < 1:
-        raise ConfigError(f"training.epochs: must be >= 1, got {training['epochs']}")
-
-
-def _check_datasets(dataset_configs: Mapping[str, Any]) -> None:
-    """Values a dataset's rows would meet only later: a label range of none, an evaluation share out of (0, 1]."""
-    for name, dataset in dataset_configs.items():
-        dataset = dataset if isinstance(dataset, Mapping) else vars(dataset)
-        if int(dataset.get("num_classes", 1)) < 1:
-            raise ConfigError(
-                f"datasets.dataset_configs.{name}.num_classes: must be >= 1, got {dataset['num_classes']}"
-            )
-        if not 0 < float(dataset.get("eval_ratio", 1.0)) <= 1:
-            raise ConfigError(
-                f"datasets.dataset_configs.{name}.eval_ratio: must be in (0, 1] (a share of its validation rows), "
-                f"got {dataset['eval_ratio']}"
-            )
 
 
 def best_metric_names(dataset_configs: Mapping[str, Any]) -> list[str]:

@@ -19,7 +19,7 @@ from PIL import Image
 from qwen_cls.console import quiet_library_chatter, say
 from qwen_cls.data import load_image, to_rgb
 from qwen_cls.errors import ConfigError, DataError
-from qwen_cls.evaluation import _processor_path, load_module, make_datamodule, read_setup, resolve_checkpoint
+from qwen_cls.evaluation import _processor_path, load_module, make_datamodule, read_config, resolve_checkpoint
 from qwen_cls.losses import mask_logits
 from qwen_cls.modeling import MODEL_INPUTS
 from qwen_cls.rows import image_size_problem, local_image_path
@@ -50,14 +50,14 @@ class Predictor:
         if path.name == HF_DIR and (path.parent / INFO_FILE).is_file():
             path = path.parent
         self.checkpoint = resolve_checkpoint(path)
-        setup = read_setup(self.checkpoint, config_path)
+        run = read_config(self.checkpoint, config_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.module = load_module(self.checkpoint, setup)
+        self.module = load_module(self.checkpoint, run)
         self.module.configure_model()
         self.module.eval().to(self.device)
-        datamodule = make_datamodule(setup, [], _processor_path(self.checkpoint, setup), batch_size)
+        datamodule = make_datamodule(run, [], _processor_path(self.checkpoint, run), batch_size)
         self.collate = datamodule.collator()
-        self.dataset_names = list(setup.datasets) or ["default"]
+        self.dataset_names = self.module.dataset_names
         self.batch_size = batch_size
         self.id2label = {int(k): v for k, v in self.module.net.config.id2label.items()}
 

@@ -16,6 +16,7 @@ global rank 0 renames the folder into place once every rank's marker is there.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -30,6 +31,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from qwen_cls.errors import CheckpointError
+from qwen_cls.lora import is_lora_param
 
 RANK_WAIT_S = 1800.0  # how long global rank 0 waits for the other ranks' files of a save
 
@@ -179,3 +181,33 @@ class BackgroundWriter:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def checkpoint_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """Estimated bytes of a checkpoint's ``hf_model/`` (weights in ``dtype``, default their own) and of its
+    resumable state (weights, AdamW's two fp32 moments, an fp32 master copy when the weights are not fp32).
+    Under DeepSpeed the state is split into one shard per rank; the total in output_dir is the same. With
+    LoRA, ``hf_model/`` holds the merged model (no adapters) and the state only what trains."""
+
+    def numel(p: torch.Tensor) -> int:  # a ZeRO-3 partition's placeholder is empty; ds_numel is the whole
+        return getattr(p, "ds_numel", p.numel())
+
+    named = list(net.named_parameters())
+    lora = any(is_lora_param(n) for n, _ in named)
+    merged = [p for n, p in named if not is_lora_param(n)]
+    hf = sum(numel(p) * (p.element_size() if dtype is None else dtype.itemsize) for p in merged)
+    trainable = [p for _, p in named if p.requires_grad]
+    weights = sum(numel(p) * p.element_size() for p in (trainable if lora else [p for _, p in named]))
+    optimizer = sum(numel(p) * (8 if p.dtype == torch.float32 else 12) for p in trainable)
+    return hf, weights + optimizer
+
+
+def write_hf_model(path: Path, net: Any, weights: dict[str, torch.Tensor] | None, dtype, processor) -> None:
+    """``save_pretrained`` of the classifier (with ``weights`` when given) and of the processor."""
+    net.save_pretrained(path, state_dict=weights)
+    if dtype is not None:  # save_pretrained records the module's dtype; the weights written are in this one
+        config = json.loads((path / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if processor is not None:
+        processor.save_pretrained(path)

@@ -34,20 +34,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen_cls.api import FitResult
 from qwen_cls.checkpoint import QwenCheckpoint
-from qwen_cls.cli import parse_error
-from qwen_cls.config import (
-    BestModelTrackingConfig,
-    DatasetsConfig,
-    EvaluationConfig,
-    MonitorConfig,
-    TrainingConfig,
-    WandbConfig,
-)
+from qwen_cls.cli import config_error_within, parse_error
+from qwen_cls.config import SECTIONS, RunConfig, without_former_copies
 from qwen_cls.console import quiet_library_chatter, say
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
 from qwen_cls.loading import refuse_unsafe_checkpoint
-from qwen_cls.losses import LossConfig
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import LogLineProgress, RunPlots, TrainingMonitor, wandb_mode
 from qwen_cls.policy import Resolution, resolve, resume_changes
@@ -74,35 +66,24 @@ from qwen_cls.strategy import (
     zero_stage_3,
 )
 
-SECTIONS = {
-    "loss": LossConfig,
-    "datasets": DatasetsConfig,
-    "training": TrainingConfig,
-    "evaluation": EvaluationConfig,
-    "best_model_tracking": BestModelTrackingConfig,
-    "wandb": WandbConfig,
-    "monitor": MonitorConfig,
-}
-
-# source key -> target keys, and an optional function of the source value
-LINKS = [
+# How each section reaches what reads it. The module and the data module are handed whole sections, as the
+# objects their classes built (checked in __post_init__, after the resolver wrote its overrides); Lightning's
+# own Trainer and the processor path take single values. (source, target, function of the source value)
+SECTION_LINKS = [
     ("loss", "model.loss", None),
-    ("datasets.dataset_configs", "model.dataset_configs", None),
-    ("datasets.dataset_configs", "data.dataset_configs", None),
+    ("datasets", "model.datasets", None),
+    ("datasets", "data.datasets", None),
+    ("training", "model.training", None),
+    ("wandb", "model.log_dataset_metrics", lambda wandb: wandb.log_dataset_metrics),
+]
+VALUE_LINKS = [
     ("model.pretrained_name", "data.processor_path", None),
-    ("training.lr", "model.lr", None),
-    ("training.weight_decay", "model.weight_decay", None),
-    ("training.warmup_steps", "model.warmup_steps", None),
-    ("training.gradient_checkpointing", "model.gradient_checkpointing", None),
+    ("seed_everything", "data.seed", lambda s: s if isinstance(s, int) and not isinstance(s, bool) else 0),
     ("training.epochs", "trainer.max_epochs", None),
     ("training.max_steps", "trainer.max_steps", None),
     ("training.logging_steps", "trainer.log_every_n_steps", None),
     ("training.max_grad_norm", "trainer.gradient_clip_val", lambda v: v or None),
     ("training.output_dir", "trainer.default_root_dir", None),
-    ("wandb.log_dataset_metrics", "model.log_dataset_metrics", None),
-    ("datasets.enable_logits_masking", "model.enable_logits_masking", None),
-    ("training.on_nonfinite_loss", "model.on_nonfinite_loss", None),
-    ("seed_everything", "data.seed", lambda s: s if isinstance(s, int) and not isinstance(s, bool) else 0),
 ]
 
 
@@ -141,8 +122,9 @@ def check_config_files(args: list[str]) -> None:
             load_config_file(args[i + 1])
     for arg in args:
         flag = arg.split("=", 1)[0].removeprefix("--")
-        if flag in LINKED:
-            raise ConfigError(f"{flag}: set by {LINKED[flag]}; give --{LINKED[flag]} instead")
+        owner = linked_owner(flag)
+        if owner:
+            raise ConfigError(f"{flag}: set by {owner}; give --{owner} instead")
 
 
 def load_config_file(path: str | Path, key: str = "--config") -> dict:
@@ -172,7 +154,15 @@ def load_config_file(path: str | Path, key: str = "--config") -> dict:
 
 # each key a link sets -> the key that sets it: given directly, jsonargparse would drop it (YAML) or refuse it
 # with a type error (command line)
-LINKED = {target: source for source, target, _ in LINKS}
+LINKED = {target: source for source, target, _ in SECTION_LINKS + VALUE_LINKS}
+
+
+def linked_owner(key: str) -> str | None:
+    """The key that sets ``key`` (``model.training.lr`` -> ``training.lr``), or None."""
+    for target, source in LINKED.items():
+        if key == target or key.startswith(f"{target}."):
+            return source + key[len(target) :]
+    return None
 
 
 def refuse_linked_keys(config: dict, where: str) -> None:
@@ -205,7 +195,9 @@ class QwenCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name, section in SECTIONS.items():
             parser.add_class_arguments(section, name, sub_configs=True)
-        for source, target, fn in LINKS:
+        for source, target, fn in SECTION_LINKS:
+            parser.link_arguments(source, target, compute_fn=fn, apply_on="instantiate")
+        for source, target, fn in VALUE_LINKS:
             parser.link_arguments(source, target, compute_fn=fn)
         parser.add_argument(
             "--deepspeed",
@@ -218,6 +210,7 @@ class QwenCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         refuse_secrets(cfg)
+        RunConfig.from_mapping(cfg.as_dict())  # each section checks its values before the resolver reads them
         self.resolution = resolve(cfg.as_dict())
         for override in self.resolution.overrides:
             say(str(override))
@@ -384,14 +377,17 @@ class QwenCLI(LightningCLI):
             return
         info = read_info(folder)
         now = json.loads(json.dumps(self.resolution.config, default=str))
-        refused, reported = resume_changes(info.config, now, info.world_size, self.trainer.world_size)
+        saved = without_former_copies(info.config)
+        refused, reported = resume_changes(saved, now, info.world_size, self.trainer.world_size)
         if refused:
             head = any(r.startswith(("model.num_labels:", "loss.type:")) for r in refused)
             raise ConfigError(
                 f"ckpt_path: resuming {folder.name} with {'; '.join(refused)}; keep the saved value(s), or start a "
                 f"new run from its hf_model/ (model.pretrained_name{', model.reinit_head: true' if head else ''})"
             )
-        reported = [r for r in reported if r.split(":")[0] not in LINKED]  # said as the key that sets it
+        reported = [
+            r for r in reported if linked_owner(r.split(":")[0]) is None
+        ]  # said as the key that sets it
         if reported:
             say(
                 f"resuming {folder.name} with changed settings: {'; '.join(reported)} (the optimizer state and the "
@@ -467,10 +463,8 @@ def fit(config: Mapping[str, Any]) -> FitResult:
     ...), parsed and checked by the same parser, resolver and hooks; errors are raised, never an exit."""
     quiet_library_chatter()
     refuse_linked_keys(dict(config), "config")
-    try:
+    with one_line_config_errors():
         cli = _qwen_cli({"fit": dict(config)}, False, save_config_kwargs={"overwrite": True})
-    except ArgumentError as e:
-        raise parse_error(e) from None
     return FitResult(cli.model, Path(cli.config.fit.training.output_dir))
 
 
@@ -481,10 +475,22 @@ def run_lightning_cli(args: list[str] | None = None, exit_on_error: bool = True)
     check_config_files(given)
     if any(a.split("=")[0] == "--print_config" for a in given):
         print_config_and_overrides(args, exit_on_error)
-    try:
+    with one_line_config_errors():
         return _qwen_cli(args, exit_on_error, save_config_kwargs={"overwrite": True})
+
+
+@contextlib.contextmanager
+def one_line_config_errors():
+    """jsonargparse's errors as one line; a section's own ConfigError also where jsonargparse wrapped it."""
+    try:
+        yield
     except ArgumentError as e:
         raise parse_error(e) from None
+    except ValueError as e:
+        within = config_error_within(e)
+        if within is None:
+            raise
+        raise within from None
 
 
 def _qwen_cli(args: list[str] | None, exit_on_error: bool, **kwargs) -> QwenCLI:
@@ -504,10 +510,8 @@ def print_config_and_overrides(args: list[str] | None, exit_on_error: bool) -> N
     will override when the run starts (the printed values are not all the ones that run)."""
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), one_line_config_errors():
             _qwen_cli(args, exit_on_error)
-    except ArgumentError as e:
-        raise parse_error(e) from None
     except SystemExit as e:
         if e.code not in (None, 0):
             raise

@@ -90,7 +90,13 @@ def test_demo_config_instantiates(tiny_model, demo_data, tmp_path):
             f"--training.output_dir={tmp_path}",
         ],
     )
-    assert cli.model.hparams.num_labels == 10 and cli.model.hparams.lr == pytest.approx(2e-3)
+    assert cli.model.hparams.num_labels == 10 and cli.model.train_config.lr == pytest.approx(2e-3)
+    # the module and the data module are handed the sections the parser built, as the resolver left them
+    assert (
+        cli.model.train_config.save_all_checkpoints is True
+        and cli.model.loss_config.type == "label_smoothing"
+    )
+    assert cli.datamodule.dataset_configs == cli.model.datasets.dataset_configs
     assert cli.datamodule.batch_size == 32 and cli.datamodule.processor_path == str(tiny_model)
     assert cli.trainer.limit_val_batches == 0 and cli.trainer.num_sanity_val_steps == 0
     assert cli.trainer.max_epochs == 4 and cli.trainer.log_every_n_steps == 10

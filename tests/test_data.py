@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_cls.config import DatasetConfig
+from qwen_cls.config import DatasetConfig, DatasetsConfig
 from qwen_cls.data import Batch, QwenDataModule, eval_subset, export_demo_data
 from qwen_cls.errors import DataError
 from qwen_cls.rows import read_rows
@@ -100,7 +100,7 @@ def test_batches_carry_model_inputs_labels_and_dataset_index(tiny_model, demo_da
         batch_size=4,
         num_workers=0,
         processor_path=str(tiny_model),
-        dataset_configs={"mnist": DatasetConfig(10)},
+        datasets=DatasetsConfig({"mnist": DatasetConfig(10)}),
     )
     dm.setup("fit")
     assert dm.val_rows is None  # validation data is not read unless validation will run

@@ -152,7 +152,10 @@ def test_overwrite_removes_every_record_of_the_old_run_and_keep_all_keeps_all(
             ["--trainer.gradient_clip_val=1.0"],
             "trainer.gradient_clip_val: set by training.max_grad_norm; give --training.max_grad_norm instead",
         ),  # fmt: skip
-        (["--model.lr", "1e-4"], "model.lr: set by training.lr; give --training.lr instead"),
+        (
+            ["--model.training.lr", "1e-4"],
+            "model.training.lr: set by training.lr; give --training.lr instead",
+        ),  # a section handed whole to the module
     ],
 )
 def test_a_key_a_training_key_sets_is_refused_on_the_command_line(tmp_path, capsys, args, line):

@@ -238,10 +238,10 @@ def test_default_targets_are_the_language_models_projections_only():
 def test_flops_and_checkpoint_bytes_count_what_trains(tiny_model):
     """Training FLOPs per forward FLOP (language model, vision tower): 3 where weights train, 2 where only
     activations need gradients (LoRA), 1 where nothing trains at or before a part; the state holds what trains."""
-    from qwen_cls.checkpoint import checkpoint_bytes
     from qwen_cls.config import LoraSettings
     from qwen_cls.flops import pass_factors
     from qwen_cls.lora import apply_lora
+    from qwen_cls.saving import checkpoint_bytes
 
     net = load_classifier(str(tiny_model), 10)
     full_hf, full_state = checkpoint_bytes(net)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen_cls.config import DatasetConfig
+from qwen_cls.config import LOSS_TYPES, DatasetConfig, DatasetsConfig, LossConfig
 from qwen_cls.errors import ConfigError
-from qwen_cls.losses import LOSS_TYPES, LossConfig, classification_loss, mask_logits, validate_loss_config
+from qwen_cls.losses import classification_loss, mask_logits
 from qwen_cls.model import QwenClassifier
 
 LOGITS = [2.0, 0.5, -1.0]
@@ -85,20 +85,20 @@ def test_losses_are_fp32_whatever_the_input_dtype():
 
 
 @pytest.mark.parametrize(
-    "cfg,key",
+    "values,key",
     [
-        (LossConfig("label_smoothing", smoothing=1.0), "loss.smoothing"),
-        (LossConfig("focal", gamma=-1.0), "loss.gamma"),
-        (LossConfig("focal", alpha=0.0), "loss.alpha"),
-        (LossConfig("symmetric_ce", beta=-1.0), "loss.beta"),
-        (LossConfig("arcface", margin=2.0), "loss.margin"),
-        (LossConfig("arcface", scale=0.0), "loss.scale"),
-        (LossConfig("cross_entropy", temperature=0.0), "loss.temperature"),
+        (dict(type="label_smoothing", smoothing=1.0), "loss.smoothing"),
+        (dict(type="focal", gamma=-1.0), "loss.gamma"),
+        (dict(type="focal", alpha=0.0), "loss.alpha"),
+        (dict(type="symmetric_ce", beta=-1.0), "loss.beta"),
+        (dict(type="arcface", margin=2.0), "loss.margin"),
+        (dict(type="arcface", scale=0.0), "loss.scale"),
+        (dict(type="cross_entropy", temperature=0.0), "loss.temperature"),
     ],
 )
-def test_bad_loss_parameters_name_the_key(cfg, key):
+def test_bad_loss_parameters_name_the_key(values, key):
     with pytest.raises(ConfigError, match=key):
-        validate_loss_config(cfg)
+        LossConfig(**values)
 
 
 def test_label_smoothing_and_temperature_match_hand_computed_values():
@@ -120,7 +120,9 @@ def test_label_smoothing_and_temperature_match_hand_computed_values():
 
 def test_two_datasets_of_10_and_3_classes_share_one_head_without_infinite_loss():
     module = QwenClassifier(
-        "unused", num_labels=10, dataset_configs={"digits": DatasetConfig(10), "mod3": DatasetConfig(3)}
+        "unused",
+        num_labels=10,
+        datasets=DatasetsConfig({"digits": DatasetConfig(10), "mod3": DatasetConfig(3)}),
     )
     dataset_idx = torch.tensor([0, 1, 1, 1])
     valid = module.valid_classes(dataset_idx)
@@ -137,7 +139,8 @@ def test_two_datasets_of_10_and_3_classes_share_one_head_without_infinite_loss()
     unmasked = QwenClassifier(
         "unused",
         10,
-        dataset_configs={"digits": DatasetConfig(10), "mod3": DatasetConfig(3)},
-        enable_logits_masking=False,
+        datasets=DatasetsConfig(
+            {"digits": DatasetConfig(10), "mod3": DatasetConfig(3)}, enable_logits_masking=False
+        ),
     )
     assert unmasked.valid_classes(dataset_idx) is None

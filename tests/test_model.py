@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageClassification, AutoProcessor
 
+from qwen_cls.config import TrainingConfig
 from qwen_cls.data import chat_prompt
 from qwen_cls.errors import ConfigError
 from qwen_cls.loading import load_classifier
@@ -79,10 +80,12 @@ def test_a_folder_that_is_not_qwen2_5_vl_is_a_config_error(tmp_path):
 
 
 def test_num_labels_must_cover_every_dataset():
-    from qwen_cls.config import DatasetConfig
+    from qwen_cls.config import DatasetConfig, DatasetsConfig
 
     with pytest.raises(ConfigError, match="datasets.dataset_configs.food2k.num_classes"):
-        QwenClassifier("x", num_labels=101, dataset_configs={"food2k": DatasetConfig(num_classes=2000)})
+        QwenClassifier(
+            "x", num_labels=101, datasets=DatasetsConfig({"food2k": DatasetConfig(num_classes=2000)})
+        )
 
 
 def test_tiny_processor_reloads_identically(tiny_model):
@@ -99,7 +102,9 @@ def test_gradient_checkpointing_option_gives_the_same_gradients(tiny_model):
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same new head both times
-        module = QwenClassifier(str(tiny_model), num_labels=10, gradient_checkpointing=checkpointing)
+        module = QwenClassifier(
+            str(tiny_model), num_labels=10, training=TrainingConfig(gradient_checkpointing=checkpointing)
+        )
         module.configure_model()
         assert module.net.is_gradient_checkpointing is checkpointing
         loss = module.net(**batch).logits.square().mean()
@@ -120,8 +125,9 @@ print(json.dumps({{"class": type(model).__name__, "modules": sorted(set(sys.modu
 @pytest.mark.slow
 def test_the_trained_model_loads_without_the_trainer(tiny_model, tmp_path):
     """A fresh interpreter that imports ``qwen_cls.modeling`` and loads an ``hf_model/`` with transformers'
-    Auto class imports nothing of ours beyond ``qwen_cls.modeling`` and nothing transformers' own loading of a
-    Qwen2.5-VL would not: no Lightning, matplotlib, W&B (psutil is transformers' own import, not ours)."""
+    Auto class imports nothing of ours beyond ``qwen_cls.modeling`` and the config constants it takes (standard
+    library only), and nothing transformers' own loading of a Qwen2.5-VL would not: no Lightning, matplotlib,
+    W&B (psutil is transformers' own import, not ours)."""
     import json
     import subprocess
     import sys
@@ -146,7 +152,7 @@ def test_the_trained_model_loads_without_the_trainer(tiny_model, tmp_path):
     assert ours["class"] == "QwenVLForImageClassification"
     plain = loaded("from transformers import Qwen2_5_VLModel", "Qwen2_5_VLModel", tiny_model)  # the backbone
     extra = set(ours["modules"]) - set(plain["modules"])
-    assert extra == {"qwen_cls", "qwen_cls.modeling"}, sorted(extra)
+    assert extra == {"qwen_cls", "qwen_cls.modeling", "qwen_cls.config", "qwen_cls.errors"}, sorted(extra)
     assert not {"lightning", "matplotlib", "wandb", "torchmetrics"} & {
         m.split(".")[0] for m in ours["modules"]
     }

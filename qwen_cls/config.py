@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from qwen_cls.errors import ConfigError
@@ -89,11 +90,16 @@ class DatasetConfig:
         num_classes: labels of this dataset are 0 .. num_classes-1.
         description: a few words used in the prompt (``{description}`` in ``data.prompt_template``).
         eval_ratio: fraction of this dataset's validation rows used by the partial evaluation during training.
+        class_names: the name of each label, in label order: a list, or a UTF-8 text file with one name a line
+            (read once when the run starts; the run stores the list). They name the head's columns in
+            ``hf_model/`` (``id2label``) and in the vLLM export, and the labels ``predict`` prints. Default: the
+            label numbers.
     """
 
     num_classes: int
     description: str = ""
     eval_ratio: float = 1.0
+    class_names: list[str] | str | None = None
 
 
 @dataclass
@@ -126,6 +132,41 @@ class LoraSettings:
         _require(0 <= self.dropout < 1, "model.lora.dropout", "in [0, 1)", self.dropout)
 
 
+def _class_names(given: list[str] | str | None, num_classes: int, key: str) -> list[str] | None:
+    """``class_names`` as a list (a file read), checked against ``num_classes``: one line for a wrong length, a
+    repeated or an empty name."""
+    if given is None:
+        return None
+    names = given
+    if isinstance(given, str):
+        path = Path(given).expanduser()
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{key}: {given} not found (a list of names, or a text file with one a line)"
+            ) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{key}: {given} is not UTF-8 text ({e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot read {given} ({e.strerror})") from None
+        while names and not names[-1]:
+            names.pop()  # a final newline, or blank lines at the end
+    names = [str(name) for name in names]
+    where = f" ({given})" if isinstance(given, str) else ""
+    if len(names) != num_classes:
+        raise ConfigError(f"{key}: {len(names)} names for num_classes {num_classes}{where}")
+    empty = next((i for i, name in enumerate(names) if not name.strip()), None)
+    if empty is not None:
+        raise ConfigError(f"{key}: the name of label {empty} is empty{where}")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ConfigError(f"{key}: {name!r} names labels {seen[name]} and {i}{where}")
+        seen[name] = i
+    return names
+
+
 @dataclass
 class DatasetsConfig:
     """The ``datasets:`` section: every dataset a JSONL row may name.
@@ -154,11 +195,30 @@ class DatasetsConfig:
                 "in (0, 1] (a share of its validation rows)",
                 ds.eval_ratio,
             )
+            ds.class_names = _class_names(ds.class_names, ds.num_classes, f"{key}.class_names")
 
     @property
     def num_classes(self) -> list[int]:
         """Each dataset's label count, in the order of ``dataset_configs`` (the rows' dataset indices)."""
         return [ds.num_classes for ds in self.dataset_configs.values()]
+
+    def names(self, dataset: str) -> list[str]:
+        """A dataset's label names (its ``class_names``, else the label numbers)."""
+        ds = self.dataset_configs[dataset]
+        return list(ds.class_names) if ds.class_names else [str(i) for i in range(ds.num_classes)]
+
+    def id2label(self, num_labels: int) -> dict[int, str]:
+        """The head's column names: with one dataset its class names; with several, each column's
+        ``dataset/name`` of every dataset that has it, joined by `` | `` (their labels share the columns)."""
+        named = [name for name, ds in self.dataset_configs.items() if ds.class_names]
+        if not named:
+            return {i: str(i) for i in range(num_labels)}
+        columns: dict[int, list[str]] = {i: [] for i in range(num_labels)}
+        single = len(self.dataset_configs) == 1
+        for name in self.dataset_configs:
+            for i, label in enumerate(self.names(name)):
+                columns[i].append(label if single else f"{name}/{label}")
+        return {i: " | ".join(labels) or str(i) for i, labels in columns.items()}
 
 
 @dataclass

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoProcessor
 from transformers.image_utils import SizeDict
@@ -27,26 +27,11 @@ from transformers.image_utils import SizeDict
 from qwen_cls.config import DatasetConfig, DatasetsConfig, OnBadImage
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError, DataError
+from qwen_cls.images import to_rgb
 from qwen_cls.loading import check_processor_files, qwen_model_type
 from qwen_cls.rows import CheckLevel, RowIndex, image_size_problem, shared_rows
 
 DEFAULT_PROMPT = "Which {dataset} class is this image?"
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB the way image libraries' users expect: EXIF orientation applied; 16-bit (and 32-bit integer)
-    grey levels scaled by their type's range, 65535 -> 255, not clipped at 255 (which would binarise them);
-    float images taken as 0..1; transparency composited on white rather than dropped."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode.startswith("I"):  # I;16, I;16B, ... and I: a 16-bit PNG opens as either
-        levels = np.asarray(im, dtype=np.float64) / 257.0
-        im = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
-    elif im.mode == "F":
-        im = Image.fromarray(np.clip(np.rint(np.asarray(im) * 255.0), 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def load_image(path: str | Path) -> Image.Image:

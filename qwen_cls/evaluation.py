@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from qwen_cls.config import BestModelTrackingConfig, RunConfig, WandbConfig
+from qwen_cls.config import BestModelTrackingConfig, DatasetsConfig, RunConfig, WandbConfig
 from qwen_cls.console import say
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
@@ -144,7 +144,7 @@ def evaluate(
     module = load_module(checkpoint, run)  # its errors before the trainer's banner
     metrics = _validate(_trainer(), module, datamodule)
     result = {"checkpoint": str(checkpoint), "eval_data": str(eval_data), **metrics}
-    _print_table(result, module.dataset_names)
+    _print_table(result, module.dataset_names, run.datasets)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
@@ -209,6 +209,13 @@ def evaluate_all(
         logger.finish()
     if rows:
         _print_ranking(rows, config.best_model_tracking)
+        best = best_row(rows, config.best_model_tracking.metric, config.best_model_tracking.mode)
+        names = list(config.datasets.dataset_configs)
+        _print_table(
+            {**best, "checkpoint": f"best: {best['checkpoint']}", "eval_data": eval_data},
+            names,
+            config.datasets,
+        )
     return rows
 
 
@@ -382,19 +389,21 @@ class _WandbHistory:
         self.run.finish()
 
 
-def _print_table(metrics: dict[str, Any], dataset_names: list[str]) -> None:
+def _print_table(metrics: dict[str, Any], dataset_names: list[str], datasets: DatasetsConfig) -> None:
     table = Table(title=f"{metrics['checkpoint']} on {metrics['eval_data']}")
-    for column in ("dataset", "top-1", "top-5", "loss", "samples"):
-        table.add_column(column, justify="left" if column == "dataset" else "right")
+    for column in ("dataset", "top-1", "top-5", "loss", "samples", "classes"):
+        table.add_column(column, justify="left" if column in ("dataset", "classes") else "right")
     for name in ["overall", *dataset_names]:
         if f"{name}_samples" not in metrics:
             continue
+        names = datasets.names(name) if name in datasets.dataset_configs else []
         table.add_row(
             name,
             f"{metrics[f'{name}_accuracy']:.4f}",
             f"{metrics[f'{name}_top5_accuracy']:.4f}",
             f"{metrics[f'{name}_loss']:.4f}",
             str(metrics[f"{name}_samples"]),
+            ", ".join(names[:6]) + (f", ... ({len(names)})" if len(names) > 6 else ""),
         )
     Console().print(table)
 

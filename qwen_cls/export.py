@@ -1,5 +1,6 @@
 """``qwen-cls export``: rebuild a checkpoint's ``hf_model/`` from its sharded DeepSpeed state, or write a
-copy of ``hf_model/`` in another dtype (a checkpoint whose state was not kept: ``keep_state_last_n``).
+copy of ``hf_model/`` in another dtype (a checkpoint whose state was not kept: ``keep_state_last_n``); with
+``--format vllm`` the folder vLLM serves (:mod:`qwen_cls.serving`).
 
 For a checkpoint saved or copied without ``hf_model/``. DeepSpeed's ``zero_to_fp32`` reads the fp32 master
 weights from the shards lazily (the optimizer files are memory-mapped and their Adam moments dropped), so
@@ -24,6 +25,7 @@ from qwen_cls.loading import DTYPES, training_dtype
 from qwen_cls.losses import head_for
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
 from qwen_cls.run_dir import HF_DIR, INFO_FILE, STATE_DIR, read_info
+from qwen_cls.serving import SERVING_FILE, export_vllm
 from qwen_cls.strategy import zero_weights
 
 
@@ -31,10 +33,24 @@ def export(
     checkpoint_path: str,
     output: str | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    format: Literal["hf", "vllm"] = "hf",
 ) -> Path:
-    """``hf_model/`` rebuilt from a checkpoint's shards, or a copy of it in another dtype (``qwen-cls export``; the
-    parameters: :func:`qwen_cls.commands.export`)."""
+    """``hf_model/`` rebuilt from a checkpoint's shards, or a copy of it in another dtype, or (``format="vllm"``)
+    the folder vLLM serves (``qwen-cls export``; the parameters: :func:`qwen_cls.commands.export`)."""
     checkpoint = Path(checkpoint_path)
+    if format == "vllm":
+        if dtype != "auto":
+            raise ConfigError(
+                "--dtype: the vLLM export keeps hf_model/'s dtype (vLLM's --dtype casts when it loads)"
+            )
+        if not (checkpoint / HF_DIR).is_dir() and (checkpoint / STATE_DIR / "latest").is_file():
+            say(f"{checkpoint} has DeepSpeed shards only: rebuilding its {HF_DIR}/ first")
+            export(checkpoint_path)
+        target = export_vllm(checkpoint, output)
+        say(
+            f"wrote {target}: vllm serve {target} --runner pooling (prompts and columns in {target}/{SERVING_FILE})"
+        )
+        return target
     info_file = checkpoint / INFO_FILE
     shards = (checkpoint / STATE_DIR / "latest").is_file()
     if not (shards or (checkpoint / HF_DIR).is_dir()) or not info_file.is_file():

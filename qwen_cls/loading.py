@@ -136,19 +136,19 @@ def load_classifier(
     classifier_head: str = "linear",
     cosine_scale: float = QwenVLClassifierConfig.cosine_scale,
     reinit_head: bool = False,
+    bias: bool = False,
 ) -> QwenVLForImageClassification:
     """A classifier from a local folder: either a saved ``hf_model/`` (backbone and head; with ``reinit_head`` a
     new head for a new label set on its backbone) or any Qwen2.5-VL checkpoint (3B/7B/32B/72B or the tiny
-    one), whose LM head is dropped and a new head added."""
+    one), whose LM head is dropped and a new head added (``bias``: a linear head with a bias)."""
     path = Path(pretrained_name)
     model_type = qwen_model_type(path)
     check_weight_files(path)
     if model_type == QwenVLClassifierConfig.model_type:
         saved = QwenVLClassifierConfig.from_pretrained(path)
         if reinit_head:
-            return _new_head_on(
-                path, saved, num_labels, dtype, attn_implementation, classifier_head, cosine_scale
-            )
+            config = classifier_config(saved, num_labels, classifier_head, cosine_scale, bias)
+            return _new_head_on(path, config, dtype, attn_implementation)
         if saved.num_labels != num_labels:
             raise ConfigError(
                 f"model.num_labels: {num_labels}, but the classifier in {path} has {saved.num_labels} labels; set "
@@ -177,7 +177,7 @@ def load_classifier(
         raise ConfigError(
             f"model.pretrained_name: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}"
         )
-    config = classifier_config(backbone.config, num_labels, classifier_head, cosine_scale)
+    config = classifier_config(backbone.config, num_labels, classifier_head, cosine_scale, bias)
     model = QwenVLForImageClassification(config, backbone=backbone)
     init_head(model.score, config, head_seed)
     if not hasattr(model.score.weight, "ds_id"):  # a ZeRO-3 partition: DeepSpeed owns its dtype
@@ -186,17 +186,10 @@ def load_classifier(
 
 
 def _new_head_on(
-    path: Path,
-    saved: QwenVLClassifierConfig,
-    num_labels: int,
-    dtype: torch.dtype,
-    attn_implementation: str,
-    classifier_head: str,
-    cosine_scale: float,
+    path: Path, config: QwenVLClassifierConfig, dtype: torch.dtype, attn_implementation: str
 ) -> QwenVLForImageClassification:
     """A trained classifier's backbone with a new, seeded head (transformers' ``ignore_mismatched_sizes``)."""
     head_seed = int(torch.randint(0, 2**31 - 1, ()))
-    config = classifier_config(saved, num_labels, classifier_head, cosine_scale)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the old head's weights are left out by design
     try:

@@ -63,6 +63,9 @@ class QwenClassifier(L.LightningModule):
         reinit_head: with a classifier trained by qwen-cls as ``pretrained_name`` (its ``hf_model/``), train a new
             head (``num_labels`` columns, as for a base model) on its backbone instead of its trained head: a
             new label set. Without it the trained head is loaded, and must have ``num_labels`` columns.
+        head_bias: give a new linear head a bias (logits = W h + b). Off by default: vLLM serves only a bias-free
+            head (``qwen-cls export --format vllm`` refuses one with a bias), as transformers' own sequence
+            classifiers have; the pooled state's last layer norm leaves a bias little to add.
         lora: low-rank adapters (peft) instead of a full fine-tune: ``enabled``, ``r``, ``alpha``, ``dropout``,
             ``target_modules``, ``vision``, ``modules_to_save`` (see :class:`qwen_cls.config.LoraSettings`).
         loss: the ``loss:`` section.
@@ -84,6 +87,7 @@ class QwenClassifier(L.LightningModule):
         attn_implementation: Attention = "auto",
         freeze_vision: bool = False,
         reinit_head: bool = False,
+        head_bias: bool = False,
         lora: LoraSettings | None = None,
         loss: LossConfig | None = None,
         datasets: DatasetsConfig | None = None,
@@ -107,6 +111,7 @@ class QwenClassifier(L.LightningModule):
                 "attn_implementation": attn_implementation,
                 "freeze_vision": freeze_vision,
                 "reinit_head": reinit_head,
+                "head_bias": head_bias,
                 "lora": asdict(self.lora),
                 "loss": asdict(self.loss_config),
                 "datasets": asdict(self.datasets),
@@ -185,8 +190,18 @@ class QwenClassifier(L.LightningModule):
         # the adapters' seed, before loading (which draws from the RNG under ZeRO-3 only), as the head's
         lora_seed = int(torch.randint(0, 2**31 - 1, ())) if self.lora.enabled else 0
         self.net = load_classifier(
-            hp.pretrained_name, hp.num_labels, dtype, attention, head, self.loss_config.scale, hp.reinit_head
+            hp.pretrained_name,
+            hp.num_labels,
+            dtype,
+            attention,
+            head,
+            self.loss_config.scale,
+            hp.reinit_head,
+            hp.head_bias,
         ).train()  # from_pretrained returns eval mode; Lightning switches to eval for validation itself
+        # the columns' names as this run's datasets give them: hf_model/ and the vLLM export carry them
+        self.net.config.id2label = self.datasets.id2label(hp.num_labels)
+        self.net.config.label2id = {name: i for i, name in self.net.config.id2label.items()}
         if self._trainer is not None and self._trainer.state.fn == "fit":
             if qwen_model_type(hp.pretrained_name) == QwenVLClassifierConfig.model_type:
                 _say_once(
@@ -412,8 +427,9 @@ class QwenClassifier(L.LightningModule):
         decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
         no_decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
         groups = [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": params, "weight_decay": wd}
+            for params, wd in ((decay, hp.weight_decay), (no_decay, 0.0))
+            if params  # LoRA with a bias-free head trains matrices only: DeepSpeed drops an empty group
         ]
         optimizer = make_adamw(groups, hp.lr, self._trainer.strategy if self._trainer is not None else None)
         total = self.trainer.estimated_stepping_batches

@@ -25,12 +25,15 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_value
 
 @strict
 class QwenVLClassifierConfig(Qwen2_5_VLConfig):
-    """Qwen2.5-VL plus the head: ``linear`` (logits = W h + b) or ``cosine`` (logits = scale * cos(h, W), the
-    head ArcFace trains)."""
+    """Qwen2.5-VL plus the head: ``linear`` (logits = W h, + b with ``classifier_bias``) or ``cosine`` (logits =
+    scale * cos(h, W), the head ArcFace trains). ``classifier_bias`` defaults to true for configs saved before
+    the key existed (their heads have a bias); new heads are bias-free unless ``model.head_bias`` asks, which is
+    what vLLM serves (and transformers' own ``*ForSequenceClassification`` heads are)."""
 
     model_type = "qwen2_5_vl_classifier"
     classifier_head: str = "linear"
     cosine_scale: float = COSINE_SCALE
+    classifier_bias: bool = True
 
 
 def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -46,8 +49,8 @@ class QwenVLForImageClassification(Qwen2_5_VLPreTrainedModel):
     def __init__(self, config: QwenVLClassifierConfig, backbone: Qwen2_5_VLModel | None = None):
         super().__init__(config)
         self.model = backbone if backbone is not None else Qwen2_5_VLModel(config)
-        cosine = config.classifier_head == "cosine"
-        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels, bias=not cosine)
+        bias = config.classifier_head != "cosine" and config.classifier_bias
+        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels, bias=bias)
         self.post_init()
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -88,18 +91,28 @@ def classifier_config(
     num_labels: int,
     classifier_head: str = "linear",
     cosine_scale: float = QwenVLClassifierConfig.cosine_scale,
+    bias: bool = False,
+    id2label: dict[int, str] | None = None,
 ) -> QwenVLClassifierConfig:
-    """The classifier's config: the backbone's, plus the head and its labels."""
-    labels = {
-        "id2label": {i: str(i) for i in range(num_labels)},
-        "label2id": {str(i): i for i in range(num_labels)},
+    """The classifier's config: the backbone's, plus the head and its labels (``id2label``: the column names;
+    default the column numbers)."""
+    id2label = id2label or {i: str(i) for i in range(num_labels)}
+    labels = {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
+    skip = {
+        "model_type",
+        "architectures",
+        "num_labels",
+        "classifier_head",
+        "cosine_scale",
+        "classifier_bias",
+        *labels,
     }
-    skip = {"model_type", "architectures", "num_labels", "classifier_head", "cosine_scale", *labels}
     return QwenVLClassifierConfig(
         **{k: v for k, v in backbone_config.to_dict().items() if k not in skip},
         num_labels=num_labels,
         classifier_head=classifier_head,
         cosine_scale=cosine_scale,
+        classifier_bias=bias,
         **labels,
     )
 

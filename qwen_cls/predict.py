@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from qwen_cls.console import quiet_library_chatter, say
-from qwen_cls.data import load_image, to_rgb
+from qwen_cls.data import load_image
 from qwen_cls.errors import ConfigError, DataError
 from qwen_cls.evaluation import _processor_path, load_module, make_datamodule, read_config, resolve_checkpoint
+from qwen_cls.images import to_rgb
 from qwen_cls.losses import mask_logits
 from qwen_cls.modeling import MODEL_INPUTS
 from qwen_cls.rows import image_size_problem, local_image_path
@@ -59,7 +60,11 @@ class Predictor:
         self.collate = datamodule.collator()
         self.dataset_names = self.module.dataset_names
         self.batch_size = batch_size
-        self.id2label = {int(k): v for k, v in self.module.net.config.id2label.items()}
+        datasets = self.module.datasets
+        # each dataset's own label names (its class_names): with several datasets a column means one label of each
+        self.label_names = [
+            datasets.names(n) if n in datasets.dataset_configs else [] for n in self.dataset_names
+        ]
 
     def _dataset_idx(self, dataset: str | None) -> int:
         if dataset is None:
@@ -104,13 +109,17 @@ class Predictor:
                     self.module(inputs).float(), self.module.valid_classes(inputs["dataset_idx"])
                 )
                 probs, indices = logits.softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-                readable = iter(zip(probs.tolist(), indices.tolist(), strict=True))
+                readable = iter(zip(probs.tolist(), indices.tolist(), [d for _, _, d in opened], strict=True))
                 for row in rows:
                     if "error" not in row:
-                        p, i = next(readable)
-                        row.update(labels=[self.id2label[j] for j in i], indices=i, probabilities=p)
+                        p, i, dataset_idx = next(readable)
+                        row.update(labels=self._names(dataset_idx, i), indices=i, probabilities=p)
             results += rows
         return results
+
+    def _names(self, dataset_idx: int, indices: list[int]) -> list[str]:
+        names = self.label_names[dataset_idx]
+        return [names[j] if j < len(names) else str(j) for j in indices]
 
 
 def _open(image: Image.Image | str | Path) -> Image.Image:

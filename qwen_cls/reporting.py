@@ -182,6 +182,14 @@ def write_report(run_dir: str, output: str | None = None) -> Path:
             else "none named: no evaluation yet (`qwen-cls evaluate-all RUN_DIR --eval_data VAL.jsonl`)",
         ],
     ]
+    for name, dataset in (last.section("datasets").get("dataset_configs") or {}).items():
+        names = dataset.get("class_names")
+        shown = (
+            ", ".join(names[:12]) + (f", ... ({len(names)})" if len(names) > 12 else "") if names else None
+        )
+        summary.append(
+            [f"classes of {name}", shown or f"{dataset.get('num_classes')} (numbered; no class_names)"]
+        )
     lines += ["## Summary", "", _table(["", ""], summary), ""]
 
     lines += ["## Checkpoints", ""]

@@ -122,28 +122,41 @@ def qwen_vl_config(tokenizer: PreTrainedTokenizerFast, text: dict, vision: dict)
 
 
 def tiny_config(
-    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2, head_dim: int = 16
 ) -> Qwen2_5_VLConfig:
+    """``head_dim`` 16 by default (4 heads of 64); vLLM's CPU attention takes 64 (2 heads of 128)."""
+    heads = hidden_size // head_dim
+    if heads < 1 or heads * head_dim != hidden_size or head_dim % 8:
+        raise ValueError(f"head_dim: {head_dim} must divide hidden_size {hidden_size} and be a multiple of 8")
+    rotary = (
+        head_dim // 2
+    )  # M-RoPE splits the rotary half into time, height, width sections, as Qwen2.5-VL does
+    time = rotary // 4
     text = {
         "hidden_size": hidden_size,
         "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
         "intermediate_size": 2 * hidden_size,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "rope_scaling": {
+            "type": "mrope",
+            "mrope_section": [time, (rotary - time) // 2, (rotary - time) // 2],
+        },
     }
     vision = {
         "depth": 2,
         "hidden_size": hidden_size,
         "out_hidden_size": hidden_size,
-        "num_heads": 4,
+        "num_heads": heads,
         "intermediate_size": 2 * hidden_size,
         "fullatt_block_indexes": [1],
     }
     return qwen_vl_config(tokenizer, text, vision)
 
 
-def make_tiny(output_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+def make_tiny(
+    output_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2, head_dim: int = 16
+) -> Path:
     """Write a random tiny Qwen2.5-VL (model, config, processor, tokenizer) to ``output_dir``."""
     quiet_library_chatter()
     output_dir = Path(output_dir)
@@ -151,7 +164,7 @@ def make_tiny(output_dir: str | Path, seed: int = 0, hidden_size: int = 64, laye
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, layers))
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, layers, head_dim))
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return output_dir

@@ -210,7 +210,11 @@ class QwenCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         refuse_secrets(cfg)
-        RunConfig.from_mapping(cfg.as_dict())  # each section checks its values before the resolver reads them
+        run = RunConfig.from_mapping(
+            cfg.as_dict()
+        )  # each section checks its values before the resolver reads them
+        for name, dataset in run.datasets.dataset_configs.items():  # a class-names file is read once: the run
+            cfg.datasets.dataset_configs[name]["class_names"] = dataset.class_names  # stores the list
         self.resolution = resolve(cfg.as_dict())
         for override in self.resolution.overrides:
             say(str(override))

@@ -302,6 +302,27 @@ def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(zero2_run, 
     assert code == 0, err[-3000:]
 
 
+def test_a_vllm_export_of_a_checkpoint_with_shards_only_goes_through_the_gather(zero2_run, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(zero2_run.run_dir / "checkpoint-3", checkpoint)
+    original = load_file(checkpoint / "hf_model" / "model.safetensors")
+    shutil.rmtree(checkpoint / "hf_model")
+    code, _, err = run_main(
+        capsys,
+        "export",
+        "--checkpoint_path",
+        str(checkpoint),
+        "--format",
+        "vllm",
+        "--output",
+        str(tmp_path / "vl"),
+    )
+    assert code == 0, err[-3000:]
+    served = load_file(tmp_path / "vl" / "model.safetensors")
+    assert torch.equal(served.pop("language_model.score.weight"), original.pop("score.weight"))
+    assert served.keys() == original.keys() and all(torch.equal(served[k], original[k]) for k in original)
+
+
 @pytest.mark.parametrize(
     ("strategy", "section", "stage", "offload_optimizer", "offload_param"),
     [

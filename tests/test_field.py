@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from qwen_cls.cli import main
-from qwen_cls.data import to_rgb
+from qwen_cls.images import to_rgb
 from qwen_cls.policy import resume_changes
 from qwen_cls.predict import predict
 from qwen_cls.reporting import write_report

@@ -131,7 +131,8 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(no_eval_run, tiny_mode
 
 
 def test_the_tiny_model_really_learns_mnist(tiny_model, demo_data, tmp_path):
-    """A bounded run (2 epochs, 250 steps) reaches top-1 far above chance (0.1) on the 1000 held-out images."""
+    """A bounded run (2 epochs, 250 steps) reaches top-1 far above chance (0.1) on the 1000 held-out images
+    (lr 3e-3: the default bias-free head learns the 0.34 M-parameter random model a little slower at 2e-3, 0.79)."""
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     path = write_config(
         tmp_path / "c.yaml",
@@ -143,6 +144,7 @@ def test_the_tiny_model_really_learns_mnist(tiny_model, demo_data, tmp_path):
             "save_steps": 1000,
             "warmup_steps": 0.05,
             "weight_decay": 0.01,
+            "lr": 3e-3,
         },
     )
     run_lightning_cli(["fit", "--config", str(path)])

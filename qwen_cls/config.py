@@ -61,9 +61,8 @@ class LossConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if (
-            self.type not in LOSS_TYPES
-        ):  # jsonargparse refuses it at parse time; this is for Python and stored configs
+        # jsonargparse refuses an unknown type when it parses; this is for Python and stored configs
+        if self.type not in LOSS_TYPES:
             raise ConfigError(f"loss.type: unknown {self.type!r}; choose one of {', '.join(LOSS_TYPES)}")
         focal = self.type == "focal"
         _require(self.temperature > 0, "loss.temperature", "> 0", self.temperature)
@@ -239,9 +238,8 @@ class BestModelTrackingConfig:
     mode: BestMode = "max"
     save_best_only: bool = False
 
-    def __post_init__(
-        self,
-    ) -> None:  # which metrics exist depends on the datasets: the resolver checks the name
+    def __post_init__(self) -> None:
+        """The mode; which metrics exist depends on the datasets, so the resolver checks the name."""
         if self.mode not in get_args(BestMode):
             raise ConfigError(f"best_model_tracking.mode: must be max or min, got {self.mode!r}")
 
@@ -350,9 +348,8 @@ class MonitorConfig:
     peak_tflops: float | None = None
     plots: bool | Literal["auto"] = "auto"
 
-    def __post_init__(
-        self,
-    ) -> None:  # a multiple of training.logging_steps: checked where both are known (monitor)
+    def __post_init__(self) -> None:
+        """Each value alone; a multiple of training.logging_steps is checked where both are known (monitor)."""
         every = self.system_every_n_steps
         _require(every is None or every >= 1, "monitor.system_every_n_steps", ">= 1", every)
         _require(

@@ -65,7 +65,7 @@ class QwenClassifier(L.LightningModule):
             new label set. Without it the trained head is loaded, and must have ``num_labels`` columns.
         head_bias: give a new linear head a bias (logits = W h + b). Off by default: vLLM serves only a bias-free
             head (``qwen-cls export --format vllm`` refuses one with a bias), as transformers' own sequence
-            classifiers have; the pooled state's last layer norm leaves a bias little to add.
+            classifiers have (the tiny demo model learns a little slower without one: README, "Serve with vLLM").
         lora: low-rank adapters (peft) instead of a full fine-tune: ``enabled``, ``r``, ``alpha``, ``dropout``,
             ``target_modules``, ``vision``, ``modules_to_save`` (see :class:`qwen_cls.config.LoraSettings`).
         loss: the ``loss:`` section.

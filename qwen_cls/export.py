@@ -9,8 +9,6 @@ the host holds about one copy of the weights, in the dtype written, rather than 
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +22,7 @@ from qwen_cls.errors import ConfigError
 from qwen_cls.loading import DTYPES, training_dtype
 from qwen_cls.losses import head_for
 from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
-from qwen_cls.run_dir import HF_DIR, INFO_FILE, STATE_DIR, read_info
+from qwen_cls.run_dir import HF_DIR, INFO_FILE, STATE_DIR, check_new_folder, read_info, written_whole
 from qwen_cls.serving import SERVING_FILE, export_vllm
 from qwen_cls.strategy import zero_weights
 
@@ -62,14 +60,7 @@ def export(
     if dtype == "auto":
         dtype = training_dtype(info.precision or "32")
     target = Path(output) if output else checkpoint / HF_DIR
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"--output: {target} is a file; give a folder to write the model into")
-    if target.exists() and any(target.iterdir()):
-        raise ConfigError(
-            f"--output: {target} already exists and is not empty; remove it or choose another --output"
-        )
-    tmp = target.parent / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_new_folder(target)
     run = RunConfig.from_mapping(info.config, str(info_file))
     lora = run.model.get("lora") and LoraSettings(**run.model["lora"]).enabled
     if shards and lora and not (checkpoint / HF_DIR).is_dir():
@@ -77,16 +68,14 @@ def export(
             f"--checkpoint_path: {checkpoint} is a LoRA checkpoint whose hf_model/ (the merged model) is missing; "
             f"its {STATE_DIR}/ holds only what trained (adapters and head), not the model"
         )
-    if shards and not lora:
-        count = _from_shards(checkpoint, run, DTYPES[dtype], tmp)
-    else:  # no shards (a state not kept, one device's Lightning state) or LoRA: hf_model/ holds the model
-        model = QwenVLForImageClassification.from_pretrained(checkpoint / HF_DIR, dtype=DTYPES[dtype])
-        count = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(tmp)
-        AutoProcessor.from_pretrained(checkpoint / HF_DIR).save_pretrained(tmp)
-    if target.exists():
-        target.rmdir()
-    os.replace(tmp, target)
+    with written_whole(target) as tmp:
+        if shards and not lora:
+            count = _from_shards(checkpoint, run, DTYPES[dtype], tmp)
+        else:  # no shards (a state not kept, one device's Lightning state) or LoRA: hf_model/ holds the model
+            model = QwenVLForImageClassification.from_pretrained(checkpoint / HF_DIR, dtype=DTYPES[dtype])
+            count = sum(p.numel() for p in model.parameters())
+            model.save_pretrained(tmp)
+            AutoProcessor.from_pretrained(checkpoint / HF_DIR).save_pretrained(tmp)
     say(f"wrote {target} ({dtype}, {count:,} parameters)")
     return target
 

@@ -37,6 +37,7 @@ from qwen_cls.modeling import (
     MODEL_INPUTS,
     QwenVLClassifierConfig,
     QwenVLForImageClassification,
+    label_maps,
 )
 from qwen_cls.step_axis import step_metric
 from qwen_cls.strategy import make_adamw, zero_stage_3
@@ -200,8 +201,8 @@ class QwenClassifier(L.LightningModule):
             hp.head_bias,
         ).train()  # from_pretrained returns eval mode; Lightning switches to eval for validation itself
         # the columns' names as this run's datasets give them: hf_model/ and the vLLM export carry them
-        self.net.config.id2label = self.datasets.id2label(hp.num_labels)
-        self.net.config.label2id = {name: i for i, name in self.net.config.id2label.items()}
+        for key, value in label_maps(self.datasets.id2label(hp.num_labels)).items():
+            setattr(self.net.config, key, value)
         if self._trainer is not None and self._trainer.state.fn == "fit":
             if qwen_model_type(hp.pretrained_name) == QwenVLClassifierConfig.model_type:
                 _say_once(

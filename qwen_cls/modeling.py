@@ -86,6 +86,11 @@ class QwenVLForImageClassification(Qwen2_5_VLPreTrainedModel):
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
 
 
+def label_maps(id2label: dict[int, str]) -> dict[str, dict]:
+    """A config's ``id2label`` and its inverse ``label2id``."""
+    return {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
+
+
 def classifier_config(
     backbone_config: Qwen2_5_VLConfig,
     num_labels: int,
@@ -96,8 +101,7 @@ def classifier_config(
 ) -> QwenVLClassifierConfig:
     """The classifier's config: the backbone's, plus the head and its labels (``id2label``: the column names;
     default the column numbers)."""
-    id2label = id2label or {i: str(i) for i in range(num_labels)}
-    labels = {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
+    labels = label_maps(id2label or {i: str(i) for i in range(num_labels)})
     skip = {
         "model_type",
         "architectures",

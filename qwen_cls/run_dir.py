@@ -15,6 +15,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -199,6 +200,33 @@ def replace_folder(new: Path, final: Path) -> None:
     os.replace(final, aside)
     os.replace(new, final)
     shutil.rmtree(aside)
+
+
+def check_new_folder(target: Path) -> None:
+    """``--output``: a folder to write a model into must be absent or empty (one line otherwise)."""
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--output: {target} is a file; give a folder to write the model into")
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(
+            f"--output: {target} already exists and is not empty; remove it or choose another --output"
+        )
+
+
+@contextlib.contextmanager
+def written_whole(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to write into, renamed to ``target`` (absent or empty) when the block
+    ends; removed if it fails, so a failed write leaves nothing."""
+    tmp = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        target.rmdir()
+    os.replace(tmp, target)
 
 
 def restore_set_aside(output_dir: str | Path) -> list[Path]:

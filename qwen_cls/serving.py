@@ -23,7 +23,7 @@ from typing import Any
 
 from qwen_cls.config import RunConfig
 from qwen_cls.errors import ConfigError
-from qwen_cls.run_dir import HF_DIR, INFO_FILE, read_info
+from qwen_cls.run_dir import HF_DIR, INFO_FILE, check_new_folder, read_info, written_whole
 
 ARCHITECTURE = "Qwen2_5_VLForSequenceClassification"
 MODEL_TYPE = "qwen2_5_vl"
@@ -121,12 +121,7 @@ def export_vllm(checkpoint: Path, output: str | None) -> Path:
     if not output:
         raise ConfigError("--output: give the folder to write the vLLM model into (--format vllm)")
     target = Path(output)
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"--output: {target} is a file; give a folder to write the model into")
-    if target.exists() and any(target.iterdir()):
-        raise ConfigError(
-            f"--output: {target} already exists and is not empty; remove it or choose another --output"
-        )
+    check_new_folder(target)
     info_file, hf_dir = checkpoint / INFO_FILE, checkpoint / HF_DIR
     if not info_file.is_file() or not (hf_dir / "config.json").is_file():
         raise ConfigError(
@@ -137,10 +132,7 @@ def export_vllm(checkpoint: Path, output: str | None) -> Path:
     hf_config = json.loads((hf_dir / "config.json").read_text())
     check_servable(hf_config, run, hf_dir)
     config = vllm_config(hf_config)
-    tmp = target.parent / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with written_whole(target) as tmp:
         renamed = False
         for path in sorted(hf_dir.iterdir()):
             if path.suffix == ".safetensors":
@@ -156,10 +148,4 @@ def export_vllm(checkpoint: Path, output: str | None) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         serving = serving_info(run, hf_dir, config["num_labels"])
         (tmp / SERVING_FILE).write_text(json.dumps(serving, indent=2, ensure_ascii=False) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        target.rmdir()
-    os.replace(tmp, target)
     return target

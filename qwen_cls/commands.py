@@ -18,6 +18,11 @@ def evaluate(
     config_path: str | None = None,
     batch_size: int | None = None,
     output: str | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    strategy: str = "auto",
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint and print a table.
 
@@ -27,11 +32,20 @@ def evaluate(
         eval_data: JSONL file of image–label rows.
         config_path: the training YAML; default: the config stored in the checkpoint's training_info.json.
         batch_size: evaluation batch size (default: the config's).
-        output: also write the metrics to this JSON file.
+        output: also write the metrics and per-class results to this JSON file; beside it ``<name>.classes.csv``
+            (precision, recall, F1, support per class) and ``<name>.confusion.<dataset>.csv`` and ``.png``.
+        devices: processes (devices) per node, each scoring its share of the rows; or auto.
+        num_nodes: nodes, as ``fit``'s ``trainer.num_nodes`` (launched by torchrun or srun on each node).
+        accelerator: cpu, gpu or auto.
+        strategy: auto or ddp (a copy of the model on each device), or deepspeed_stage_3 (the weights
+            partitioned over the devices: for a model larger than one device).
+        precision: as ``trainer.precision`` (default: the run's).
     """
     from qwen_cls import evaluation
+    from qwen_cls.eval_processes import EvalDevices
 
-    return evaluation.evaluate(checkpoint_path, eval_data, config_path, batch_size, output)
+    where = EvalDevices(devices, num_nodes, accelerator, strategy, precision)
+    return evaluation.evaluate(checkpoint_path, eval_data, config_path, batch_size, output, where)
 
 
 def evaluate_all(
@@ -47,13 +61,22 @@ def evaluate_all(
     stale_after: float = 300.0,
     wait_for_run: bool = False,
     wandb: bool = True,
+    metric: str | None = None,
+    mode: Literal["max", "min"] | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    strategy: str = "auto",
+    precision: str | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every complete checkpoint of a run, rank them, plot them and name the best.
 
     Args:
         run_dir: the run's output_dir (its ``checkpoint-<step>`` folders).
         eval_data: JSONL file of image–label rows.
-        output_dir: where eval_all.csv, eval_all.png and best_checkpoint.json go (default: run_dir).
+        output_dir: where eval_all.csv, eval_all_classes.csv (per class, every checkpoint), eval_all.png,
+            best_checkpoint.json and eval_all_best/ (the best one's per-class CSV and confusion matrices) go
+            (default: run_dir).
         config_path: the training YAML; default: the config stored in the checkpoints.
         batch_size: evaluation batch size (default: the config's).
         watch: keep polling run_dir and evaluate each new checkpoint until the run's final one is done, or
@@ -64,8 +87,18 @@ def evaluate_all(
         stale_after: seconds without a live fit in run_dir (and no final checkpoint) after which watching stops.
         wait_for_run: with ``watch``, wait for a run to start in run_dir when it is not a run folder (yet).
         wandb: when the run logged to W&B, also log the results into its history against the training step.
+        metric: rank the checkpoints by this metric (e.g. overall_macro_f1, mnist_balanced_accuracy); default:
+            the run's best_model_tracking.metric.
+        mode: max or min (default: min for a loss, else max).
+        devices: processes (devices) per node, each scoring its share of the rows; or auto.
+        num_nodes: nodes, as ``fit``'s ``trainer.num_nodes`` (launched by torchrun or srun on each node).
+        accelerator: cpu, gpu or auto.
+        strategy: auto or ddp (a copy of the model on each device), or deepspeed_stage_3 (the weights
+            partitioned over the devices: for a model larger than one device).
+        precision: as ``trainer.precision`` (default: the run's).
     """
     from qwen_cls import evaluation
+    from qwen_cls.eval_processes import EvalDevices
 
     return evaluation.evaluate_all(
         str(run_dir),
@@ -79,6 +112,9 @@ def evaluate_all(
         stale_after=stale_after,
         wait_for_run=wait_for_run,
         wandb=wandb,
+        metric=metric,
+        mode=mode,
+        where=EvalDevices(devices, num_nodes, accelerator, strategy, precision),
     )
 
 

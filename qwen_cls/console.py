@@ -40,6 +40,8 @@ def quiet_library_chatter() -> None:
     # Lightning 2.6 calls torch's deprecated pytree API at every fit; nothing a user can act on
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     _drop("lightning.pytorch.utilities.rank_zero", "litlogger")
+    # the evaluation metrics are reduced over the ranks by torchmetrics before they are logged
+    warnings.filterwarnings("ignore", r"It is recommended to use `self.log\('eval/.*sync_dist=True")
     # DeepSpeed (imported by transformers' save_pretrained wherever installed) on a host without a GPU; the run's
     # own "attention: ... on cpu" line says where it runs. A filter set now stays when DeepSpeed sets its logger up.
     _drop("DeepSpeed", "Setting accelerator to CPU")

@@ -18,7 +18,6 @@ from typing import Literal, TypedDict
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import AutoProcessor
@@ -69,7 +68,8 @@ def eval_subset(rows: RowIndex, configs: dict[str, DatasetConfig], seed: int = 0
 
 class ImageRowsDataset(Dataset):
     """Decodes each row's image; one that fails to decode (e.g. truncated) raises ``DataError`` naming its
-    file and line, or with ``on_bad_image="skip"`` is left out of its batch and counted."""
+    file and line, or with ``on_bad_image="skip"`` is left out of its batch and counted. An index past the
+    rows is a filler copy of row ``index - len(rows)`` (see :class:`EvalSampler`), marked as such."""
 
     def __init__(self, rows: RowIndex, on_bad_image: str = "error"):
         self.rows = rows
@@ -78,10 +78,12 @@ class ImageRowsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int, int] | None:
+    def __getitem__(self, i: int) -> tuple[Image.Image, int, int, bool] | None:
+        filler = i >= len(self.rows)
+        i -= len(self.rows) if filler else 0
         path = self.rows.path(i)
         try:
-            return load_image(path), int(self.rows.labels[i]), int(self.rows.dataset_idx[i])
+            return load_image(path), int(self.rows.labels[i]), int(self.rows.dataset_idx[i]), filler
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             if self.on_bad_image == "skip":
                 return None
@@ -89,6 +91,25 @@ class ImageRowsDataset(Dataset):
                 f"{self.rows.source(i)}: cannot decode image {path} ({e}); fix or remove the row, or set "
                 "data.on_bad_image: skip"
             ) from None
+
+
+class EvalSampler(DistributedSampler):
+    """This rank's share of the evaluation rows (every ``num_replicas``-th, from ``rank``): each row on exactly
+    one rank. Ranks with one row fewer get a filler row (index ``len(rows) + i``, a copy of row ``i`` that the
+    metrics weigh 0), so every rank runs the same number of batches: under ZeRO-3 each forward is a collective,
+    and a rank with a batch fewer would leave the others waiting for ever. A ``DistributedSampler``, so that
+    Lightning leaves it as it is."""
+
+    def __init__(self, num_rows: int, num_replicas: int, rank: int):  # noqa: D107: no super(): no dataset
+        self.num_rows, self.num_replicas, self.rank = num_rows, num_replicas, rank
+
+    def __len__(self) -> int:
+        return -(-self.num_rows // self.num_replicas)
+
+    def __iter__(self):
+        mine = list(range(self.rank, self.num_rows, self.num_replicas))
+        fillers = [self.num_rows + (self.rank + j) % self.num_rows for j in range(len(self) - len(mine))]
+        return iter(mine + fillers)
 
 
 class ResumableSampler(DistributedSampler):
@@ -139,23 +160,26 @@ class Batch(TypedDict, total=False):
     dataset_idx: torch.Tensor  # [samples]
     sample_lengths: torch.Tensor  # [samples]: real tokens of each sample, visual and text, no padding
     skipped_images: torch.Tensor  # []: rows of the sampler's batch left out (data.on_bad_image: skip)
+    filler: (
+        torch.Tensor
+    )  # [samples] bool: a copy that only evens out the ranks' evaluation batches; never counted
 
 
 class Collator:
-    """Turns (image, label, dataset) triples into a :class:`Batch`: the processor's inputs, the labels and
+    """Turns (image, label, dataset, filler) rows into a :class:`Batch`: the processor's inputs, the labels and
     datasets, each sample's real length (counted here, in the loader's process, not in the training step)."""
 
     def __init__(self, processor, prompts: list[str]):
         self.processor = processor
         self.prompts = prompts
 
-    def __call__(self, samples: list[tuple[Image.Image, int, int] | None]) -> Batch:
+    def __call__(self, samples: list[tuple[Image.Image, int, int, bool] | None]) -> Batch:
         readable = [s for s in samples if s is not None]
         if not readable:
             raise DataError(
                 "every image of a batch failed to decode; check the data (data.on_bad_image: skip)"
             )
-        images, labels, datasets = zip(*readable, strict=True)
+        images, labels, datasets, filler = zip(*readable, strict=True)
         batch = self.processor(
             text=[self.prompts[d] for d in datasets], images=list(images), padding=True, return_tensors="pt"
         )
@@ -164,6 +188,7 @@ class Collator:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
         batch["dataset_idx"] = torch.tensor(datasets, dtype=torch.long)
         batch["skipped_images"] = torch.tensor(len(samples) - len(readable))
+        batch["filler"] = torch.tensor(filler, dtype=torch.bool)
         return batch
 
 
@@ -382,8 +407,8 @@ class QwenDataModule(L.LightningDataModule):
             rows = eval_subset(rows, self.dataset_configs, self.eval_seed)
         dataset = ImageRowsDataset(rows, self.on_bad_image)
         world_size, rank = self._world()
-        # Lightning's default DistributedSampler pads by repeating rows; metrics would count them twice
-        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        # Lightning's default DistributedSampler pads by repeating rows, which the metrics would count twice
+        sampler = EvalSampler(len(dataset), world_size, rank)
         return self._loader(dataset, self.eval_batch_size, sampler)
 
 

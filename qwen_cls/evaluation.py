@@ -8,26 +8,30 @@ processor once, evaluates the complete checkpoints in step order, and writes ``e
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from qwen_cls.class_report import CLASS_COLUMNS, class_rows, weakest, write_confusion, write_csv
 from qwen_cls.config import BestModelTrackingConfig, DatasetsConfig, RunConfig, WandbConfig
 from qwen_cls.console import say
 from qwen_cls.data import QwenDataModule
 from qwen_cls.errors import ConfigError
+from qwen_cls.eval_processes import EvalDevices, EvalProcesses
 from qwen_cls.loading import refuse_unsafe_checkpoint
+from qwen_cls.metrics import ClassScores
 from qwen_cls.model import QwenClassifier
 from qwen_cls.monitor import wandb_mode
+from qwen_cls.policy import best_metric_names
 from qwen_cls.run_dir import (
+    BEST_CLASSES_DIR,
     CHECKPOINT_PREFIX,
+    CLASSES_FILE,
     CSV_FILE,
     HF_DIR,
     INFO_FILE,
@@ -44,6 +48,7 @@ from qwen_cls.run_dir import (
     read_info,
     scan_checkpoints,
     write_best,
+    written_whole,
 )
 from qwen_cls.step_axis import define_wandb_axis, wandb_row
 
@@ -119,15 +124,27 @@ def _processor_path(checkpoint: Path, run: RunConfig) -> Path:
     return checkpoint / HF_DIR if (checkpoint / HF_DIR).is_dir() else Path(run.model["pretrained_name"])
 
 
-def _trainer() -> L.Trainer:
-    return L.Trainer(
-        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
-    )
+def _trainer_precision(run: RunConfig) -> str | None:
+    precision = run.trainer.get("precision")
+    return None if precision is None else str(precision)
 
 
-def _validate(trainer: L.Trainer, module: QwenClassifier, datamodule: QwenDataModule) -> dict[str, float]:
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    return dict(module.last_eval_metrics)
+def check_class_names(checkpoint: Path, run: RunConfig) -> None:
+    """A ``--config_path`` whose class names are not the ones the checkpoint's head was trained with would
+    label every result wrongly: one line naming the first column that differs."""
+    config_file = checkpoint / HF_DIR / "config.json"
+    if not config_file.is_file():
+        return
+    saved = {int(k): v for k, v in (json.loads(config_file.read_text()).get("id2label") or {}).items()}
+    ours = run.datasets.id2label(run.model["num_labels"])
+    if all(v == str(k) or v == f"LABEL_{k}" for k, v in saved.items()):  # trained without class names
+        return
+    for column in sorted(ours):
+        if column in saved and saved[column] != ours[column]:
+            raise ConfigError(
+                f"datasets.dataset_configs: class {column} is {ours[column]!r} here but {saved[column]!r} in "
+                f"{config_file}; evaluate with the class names the checkpoint was trained with"
+            )
 
 
 def evaluate(
@@ -136,19 +153,51 @@ def evaluate(
     config_path: str | None = None,
     batch_size: int | None = None,
     output: str | None = None,
+    where: EvalDevices | None = None,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint and print a table (``qwen-cls evaluate``; the parameters: :func:`qwen_cls.commands.evaluate`)."""
+    where = where or EvalDevices()
     checkpoint = resolve_checkpoint(checkpoint_path)
     run = read_config(checkpoint, config_path)
+    check_class_names(checkpoint, run)
     datamodule = make_datamodule(run, eval_data, _processor_path(checkpoint, run), batch_size)
     module = load_module(checkpoint, run)  # its errors before the trainer's banner
-    metrics = _validate(_trainer(), module, datamodule)
-    result = {"checkpoint": str(checkpoint), "eval_data": str(eval_data), **metrics}
-    _print_table(result, module.dataset_names, run.datasets)
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    processes = EvalProcesses(where, datamodule.eval_batch_size, _trainer_precision(run)).start()
+    processes.validate(module, datamodule)
+    classes = class_rows(module.last_eval_classes, run.datasets)
+    result = {"checkpoint": str(checkpoint), "eval_data": str(eval_data), **module.last_eval_metrics}
+    if processes.is_global_zero:
+        _print_table(result, module.dataset_names, run.datasets)
+        _say_weakest(classes)
+        if output:
+            _write_evaluation(
+                Path(output), {**result, "classes": classes}, module.last_eval_classes, run.datasets
+            )
+    return {**result, "classes": classes}
+
+
+def _write_evaluation(path: Path, result: dict[str, Any], classes: dict[str, ClassScores], datasets) -> None:
+    """``--output X.json``: the metrics and per-class rows; beside it ``X.classes.csv`` and, per dataset,
+    ``X.confusion.<dataset>.csv`` and ``.png``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_class_files(path.with_suffix(""), result["classes"], classes, datasets)
+
+
+def write_class_files(
+    stem: Path, rows: list[dict[str, Any]], classes: dict[str, ClassScores], datasets
+) -> None:
+    write_csv(stem.with_name(f"{stem.name}.classes.csv"), rows, CLASS_COLUMNS)
+    for dataset, scores in classes.items():
+        names = datasets.names(dataset) if dataset in datasets.dataset_configs else None
+        write_confusion(stem, dataset, scores, names)
+
+
+def _say_weakest(rows: list[dict[str, Any]], count: int = 5) -> None:
+    worst = weakest(rows, count)
+    if worst:
+        listed = ", ".join(f"{r['dataset']}/{r['name']} {float(r['f1']):.3f}" for r in worst)
+        say(f"weakest classes by F1: {listed}")
 
 
 def evaluate_all(
@@ -164,9 +213,16 @@ def evaluate_all(
     stale_after: float = 300.0,
     wait_for_run: bool = False,
     wandb: bool = True,
+    metric: str | None = None,
+    mode: str | None = None,
+    where: EvalDevices | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every complete checkpoint of a run, rank them, plot them and name the best (``qwen-cls
-    evaluate-all``; the parameters: :func:`qwen_cls.commands.evaluate_all`)."""
+    evaluate-all``; the parameters: :func:`qwen_cls.commands.evaluate_all`).
+
+    Every rank lists the checkpoints, but rank 0's list and its decision to stop are the ones followed (the
+    ranks must evaluate the same checkpoints); rank 0 alone writes, prints and logs."""
+    where = where or EvalDevices()
     run, out = Path(run_dir), Path(output_dir or run_dir)
     if not watch and not (run.is_dir() and list_checkpoints(run)):
         raise ConfigError(f"run_dir: {run} holds no complete checkpoint")
@@ -176,47 +232,89 @@ def evaluate_all(
             "--wait_for_run to wait for a run to start there"
         )
     rows: list[dict[str, Any]] = []
-    trainer, datamodule, config, logger = _trainer(), None, None, None
+    class_table: list[dict[str, Any]] = []
+    processes, datamodule, config, tracking, logger = None, None, None, None, None
     watcher = _Watch(run, stale_after, poll_seconds) if watch else None
     started, finished = time.monotonic(), False
     while True:
+        listed = list_checkpoints(run) if run.is_dir() else []
+        if processes is None and listed:
+            config = read_config(listed[0], config_path)
+            tracking = _tracking(config, metric, mode)
+            datamodule = make_datamodule(config, eval_data, _processor_path(listed[0], config), batch_size)
+            processes = EvalProcesses(where, datamodule.eval_batch_size, _trainer_precision(config)).start()
+        if processes is not None:
+            names = processes.broadcast([c.name for c in listed])
+            listed = [run / name for name in names]
         done = {row["step"] for row in rows}
-        for ckpt in list_checkpoints(run) if run.is_dir() else []:
+        for ckpt in listed:
             if checkpoint_step(ckpt) in done:
                 continue
-            if config is None:
-                config = read_config(ckpt, config_path)
-                datamodule = make_datamodule(config, eval_data, _processor_path(ckpt, config), batch_size)
             info = read_info(ckpt)
-            metrics = _validate(trainer, load_module(ckpt, config), datamodule)
-            rows.append({"step": checkpoint_step(ckpt), "checkpoint": ckpt.name, **metrics})
-            metric = config.best_model_tracking.metric
-            say(f"{ckpt.name}: {metric} = {metrics.get(metric, float('nan')):.4f}")
+            module = load_module(ckpt, config)
+            processes.validate(module, datamodule)
+            metrics, step = dict(module.last_eval_metrics), checkpoint_step(ckpt)
+            rows.append({"step": step, "checkpoint": ckpt.name, **metrics})
             finished = finished or info.final
+            if not processes.is_global_zero:
+                continue
+            say(f"{ckpt.name}: {tracking.metric} = {metrics.get(tracking.metric, float('nan')):.4f}")
+            classes = class_rows(module.last_eval_classes, config.datasets)
+            class_table += [{"step": step, "checkpoint": ckpt.name, **r} for r in classes]
             # written before any logger runs: a result is never lost to one
-            _write_results(out, run, rows, config, eval_data)
+            _write_results(out, run, rows, config, tracking, eval_data, class_table)
+            if best_row(rows, tracking.metric, tracking.mode)["step"] == step:
+                _write_best_classes(
+                    out / BEST_CLASSES_DIR, ckpt.name, classes, module.last_eval_classes, config
+                )
             if wandb and info.wandb and logger is not False:
                 logger = logger or _WandbHistory.start(info)
-                if logger and not logger.log(rows[-1]["step"], metrics):
+                if logger and not logger.log(step, metrics):
                     logger = False
-        if watcher is None or finished or watcher.run_has_stopped(rows):
-            break
-        if timeout is not None and time.monotonic() - started > timeout:
+            del module
+        stop = watcher is None or finished or watcher.run_has_stopped(rows)
+        if not stop and timeout is not None and time.monotonic() - started > timeout:
             say(f"stopped watching {run} after {timeout:.0f} s without its final checkpoint")
+            stop = True
+        if processes is not None:
+            stop = processes.broadcast(stop)
+        if stop:
             break
         time.sleep(poll_seconds)
     if logger:
         logger.finish()
-    if rows:
-        _print_ranking(rows, config.best_model_tracking)
-        best = best_row(rows, config.best_model_tracking.metric, config.best_model_tracking.mode)
+    if rows and (processes is None or processes.is_global_zero):
+        _print_ranking(rows, tracking)
+        best = best_row(rows, tracking.metric, tracking.mode)
         names = list(config.datasets.dataset_configs)
         _print_table(
             {**best, "checkpoint": f"best: {best['checkpoint']}", "eval_data": eval_data},
             names,
             config.datasets,
         )
+        _say_weakest([r for r in class_table if r["step"] == best["step"]])
     return rows
+
+
+def _tracking(config: RunConfig, metric: str | None, mode: str | None) -> BestModelTrackingConfig:
+    """What ranks the checkpoints: ``--metric``/``--mode``, else the run's best_model_tracking. A metric
+    named without a mode is minimised when it is a loss, else maximised."""
+    if metric is None:
+        if mode is None:
+            return config.best_model_tracking
+        metric = config.best_model_tracking.metric
+    valid = best_metric_names(config.datasets.dataset_configs)
+    if metric not in valid:
+        raise ConfigError(f"--metric: unknown metric {metric!r}; choose one of {', '.join(valid)}")
+    return BestModelTrackingConfig(metric=metric, mode=mode or ("min" if metric.endswith("_loss") else "max"))
+
+
+def _write_best_classes(
+    folder: Path, name: str, rows, classes: dict[str, ClassScores], config: RunConfig
+) -> None:
+    """The best checkpoint's per-class CSV and confusion matrices, replacing the previous best's whole."""
+    with written_whole(folder, replace=True) as tmp:
+        write_class_files(tmp / name, rows, classes, config.datasets)
 
 
 def _is_run(path: Path) -> bool:
@@ -275,16 +373,20 @@ class _Watch:
 
 
 def _write_results(
-    out: Path, run: Path, rows: list[dict[str, Any]], config: RunConfig, eval_data: str
+    out: Path,
+    run: Path,
+    rows: list[dict[str, Any]],
+    config: RunConfig,
+    tracking: BestModelTrackingConfig,
+    eval_data: str,
+    class_table: list[dict[str, Any]],
 ) -> None:
+    """eval_all.csv, eval_all_classes.csv, best_checkpoint.json and eval_all.png, each written whole (a kill
+    leaves the previous version or the new one)."""
     rows.sort(key=lambda r: r["step"])
     out.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with (out / CSV_FILE).open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tracking = config.best_model_tracking
+    write_csv(out / CSV_FILE, rows, tuple(dict.fromkeys(key for row in rows for key in row)))
+    write_csv(out / CLASSES_FILE, class_table, ("step", "checkpoint", *CLASS_COLUMNS))
     best = best_row(rows, tracking.metric, tracking.mode)
     record = BestRecord(
         checkpoint=best["checkpoint"],
@@ -391,7 +493,7 @@ class _WandbHistory:
 
 def _print_table(metrics: dict[str, Any], dataset_names: list[str], datasets: DatasetsConfig) -> None:
     table = Table(title=f"{metrics['checkpoint']} on {metrics['eval_data']}")
-    for column in ("dataset", "top-1", "top-5", "loss", "samples", "classes"):
+    for column in ("dataset", "top-1", "top-5", "macro-F1", "balanced acc.", "loss", "samples", "classes"):
         table.add_column(column, justify="left" if column in ("dataset", "classes") else "right")
     for name in ["overall", *dataset_names]:
         if f"{name}_samples" not in metrics:
@@ -401,6 +503,8 @@ def _print_table(metrics: dict[str, Any], dataset_names: list[str], datasets: Da
             name,
             f"{metrics[f'{name}_accuracy']:.4f}",
             f"{metrics[f'{name}_top5_accuracy']:.4f}",
+            f"{metrics.get(f'{name}_macro_f1', float('nan')):.4f}",
+            f"{metrics.get(f'{name}_balanced_accuracy', float('nan')):.4f}",
             f"{metrics[f'{name}_loss']:.4f}",
             str(metrics[f"{name}_samples"]),
             ", ".join(names[:6]) + (f", ... ({len(names)})" if len(names) > 6 else ""),
@@ -412,15 +516,18 @@ def _print_ranking(rows: list[dict[str, Any]], tracking: BestModelTrackingConfig
     metric = tracking.metric
     ranked = sorted((r for r in rows if metric in r), key=lambda r: r[metric], reverse=tracking.mode == "max")
     table = Table(title=f"checkpoints ranked by {metric} ({tracking.mode})")
-    for column in ("rank", "checkpoint", metric, "top-5", "loss"):
-        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    shown = [
+        k
+        for k in ("overall_accuracy", "overall_macro_f1", "overall_top5_accuracy", "overall_loss")
+        if k != metric
+    ]
+    for column in ("rank", "checkpoint", metric, *shown):
+        table.add_column(
+            column.removeprefix("overall_"), justify="left" if column == "checkpoint" else "right"
+        )
     for rank, row in enumerate(ranked, start=1):
         table.add_row(
-            str(rank),
-            row["checkpoint"],
-            f"{row[metric]:.4f}",
-            f"{row['overall_top5_accuracy']:.4f}",
-            f"{row['overall_loss']:.4f}",
+            str(rank), row["checkpoint"], *(f"{row.get(k, float('nan')):.4f}" for k in (metric, *shown))
         )
     Console().print(table)
     say(f"best checkpoint: {ranked[0]['checkpoint']} ({metric} = {ranked[0][metric]:.4f})")

@@ -32,7 +32,7 @@ from qwen_cls.loading import (
 )
 from qwen_cls.lora import adapted, apply_lora
 from qwen_cls.losses import classification_loss, head_for, mask_logits
-from qwen_cls.metrics import ClassificationMetrics
+from qwen_cls.metrics import ClassificationMetrics, ClassScores
 from qwen_cls.modeling import (
     MODEL_INPUTS,
     QwenVLClassifierConfig,
@@ -131,8 +131,9 @@ class QwenClassifier(L.LightningModule):
         self.register_buffer("dataset_num_classes", torch.tensor(classes), persistent=False)
         self.masking = self.datasets.enable_logits_masking and min(classes) < num_labels
         self.net: QwenVLForImageClassification | None = None
-        self.val_metrics = ClassificationMetrics(self.dataset_names)
+        self.val_metrics = ClassificationMetrics(self.dataset_names, num_labels)
         self.last_eval_metrics: dict[str, float] = {}
+        self.last_eval_classes: dict[str, ClassScores] = {}  # per dataset, of the last evaluation
         self.last_eval_step = -1
         self.samples_seen = 0
         self.skipped_steps = 0
@@ -403,10 +404,12 @@ class QwenClassifier(L.LightningModule):
         valid = self.valid_classes(batch["dataset_idx"])
         logits = mask_logits(self(batch).float(), valid)
         losses = classification_loss(logits, batch["labels"], self.loss_config, valid, "none", training=False)
-        self.val_metrics.update(logits, batch["labels"], batch["dataset_idx"], losses)
+        counted = ~batch["filler"] if "filler" in batch else None
+        self.val_metrics.update(logits, batch["labels"], batch["dataset_idx"], losses, counted)
 
     def on_validation_epoch_end(self) -> None:
         self.last_eval_metrics = self.val_metrics.compute()
+        self.last_eval_classes = self.val_metrics.last_classes
         self.val_metrics.reset()
         if not self.trainer.sanity_checking:
             self.last_eval_step = self.trainer.global_step

@@ -154,10 +154,8 @@ def resolve(config: Mapping[str, Any]) -> Resolution:
 
 def best_metric_names(dataset_configs: Mapping[str, Any]) -> list[str]:
     """The metrics ``best_model_tracking.metric`` may name."""
-    names = ["overall_accuracy", "overall_loss", "overall_top5_accuracy"]
-    for dataset in dataset_configs:
-        names += [f"{dataset}_accuracy", f"{dataset}_loss"]
-    return names
+    kinds = ("accuracy", "loss", "top5_accuracy", "macro_f1", "balanced_accuracy")
+    return [f"{group}_{kind}" for group in ("overall", *dataset_configs) for kind in kinds]
 
 
 # What a resume may not change: the data order of the interrupted epoch or the shapes in the saved state.

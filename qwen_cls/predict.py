@@ -98,7 +98,7 @@ class Predictor:
             for image, dataset_idx in chunk:
                 row: dict[str, Any] = {"input": str(image) if isinstance(image, str | Path) else None}
                 try:
-                    opened.append((_open(image), -1, dataset_idx))
+                    opened.append((_open(image), -1, dataset_idx, False))
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
                     row["error"] = f"cannot read image: {e}"
                 rows.append(row)

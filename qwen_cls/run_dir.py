@@ -41,7 +41,19 @@ ASIDE_SUFFIX = ".replaced"
 # read by no tool as another run's, and an offline one may not have been uploaded yet.
 CSV_FILE = "eval_all.csv"
 PLOT_FILE = "eval_all.png"
-RUN_RECORDS = (CSV_FILE, PLOT_FILE, BEST_FILE, "eval_final.json", "report.md", "plots", "logs")
+CLASSES_FILE = "eval_all_classes.csv"  # evaluate-all's per-class results of every checkpoint
+BEST_CLASSES_DIR = "eval_all_best"  # the best checkpoint's per-class CSV and confusion matrices
+RUN_RECORDS = (
+    CSV_FILE,
+    PLOT_FILE,
+    BEST_FILE,
+    CLASSES_FILE,
+    BEST_CLASSES_DIR,
+    "eval_final.json",
+    "report.md",
+    "plots",
+    "logs",
+)
 OVERWRITTEN_PREFIX = ".qwen-cls-overwritten-"
 
 
@@ -213,9 +225,10 @@ def check_new_folder(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def written_whole(target: Path) -> Iterator[Path]:
-    """A temporary folder beside ``target`` to write into, renamed to ``target`` (absent or empty) when the block
-    ends; removed if it fails, so a failed write leaves nothing."""
+def written_whole(target: Path, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to write into, renamed to ``target`` (absent or empty; with
+    ``replace``, any: see :func:`replace_folder`) when the block ends; removed if it fails, so a failed write
+    leaves nothing."""
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -224,6 +237,9 @@ def written_whole(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replace:
+        replace_folder(tmp, target)
+        return
     if target.exists():
         target.rmdir()
     os.replace(tmp, target)

@@ -1,6 +1,6 @@
 """Per-class results of an evaluation, as files a person reads: a per-class CSV (precision, recall, F1, support,
 per dataset, with the config's class names), each dataset's confusion matrix as a CSV and a PNG, and the weakest
-classes. The numbers come from :class:`qwen_cls.metrics.ClassificationMetrics`.
+classes. The numbers come from :class:`qwen_cls.metrics.ClassificationMetrics`; ``report`` reads the CSV back.
 """
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen_cls.config import DatasetsConfig
-from qwen_cls.metrics import ClassScores
+
+if TYPE_CHECKING:  # no torch at import: `qwen-cls report` reads the CSV alone
+    from qwen_cls.metrics import ClassScores
 
 CLASS_COLUMNS = ("dataset", "class", "name", "precision", "recall", "f1", "support", "predicted")
 # Up to this many classes the PNG shows the whole matrix with its names; beyond, the most confused pairs.

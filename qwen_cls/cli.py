@@ -10,7 +10,7 @@ import re
 import sys
 
 from qwen_cls.commands import COMMANDS, help_text
-from qwen_cls.errors import ConfigError, QwenClsError
+from qwen_cls.errors import ConfigError, DataError, QwenClsError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
 
             run_lightning_cli(None if from_sys_argv else argv, exit_on_error=False)
     except QwenClsError as e:
+        if said_by_rank_zero(e):
+            sys.exit(2)
         print(f"qwen-cls: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     end_process_group()
@@ -92,6 +94,14 @@ def end_process_group() -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def said_by_rank_zero(error: QwenClsError) -> bool:
+    """An error in the config or the data meets every rank alike: the other ranks of a multi-process command
+    exit with it silently, so the user reads it once."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    return isinstance(error, ConfigError | DataError) and getattr(rank_zero_only, "rank", 0) != 0
 
 
 def one_line(error: QwenClsError) -> str:

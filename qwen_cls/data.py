@@ -407,6 +407,11 @@ class QwenDataModule(L.LightningDataModule):
             rows = eval_subset(rows, self.dataset_configs, self.eval_seed)
         dataset = ImageRowsDataset(rows, self.on_bad_image)
         world_size, rank = self._world()
+        if self.full_eval and world_size > len(dataset):
+            raise ConfigError(
+                f"--devices: {world_size} processes for the {len(dataset)} rows of {self.val_jsonl}; each process needs "
+                "a row at least: use fewer devices (or nodes)"
+            )
         # Lightning's default DistributedSampler pads by repeating rows, which the metrics would count twice
         sampler = EvalSampler(len(dataset), world_size, rank)
         return self._loader(dataset, self.eval_batch_size, sampler)

@@ -2,19 +2,21 @@
 weights partitioned by DeepSpeed ZeRO-3 for a model larger than one device.
 
 The processes are started once, before the first checkpoint (by Lightning's launcher, or already by torchrun or
-srun), so that rank 0 can tell every rank which checkpoints to evaluate; each checkpoint then gets a Trainer of
-its own (a DeepSpeed engine belongs to one module), in the same process group.
+srun), so that rank 0 can tell every rank which checkpoints to evaluate; one Trainer then validates each checkpoint's
+module in turn (under ZeRO-3 each gets an engine of its own).
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 
+from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
 from qwen_cls.strategy import build_strategy, deepspeed_kwargs
 
@@ -51,6 +53,26 @@ class EvalDevices:
                 "(deepspeed_stage_3 partitions a model larger than one device)"
             )
 
+    def check_rows(self, eval_data: str | list[str]) -> None:
+        """More processes than rows is refused before any process starts (the data module checks again where a
+        launcher, torchrun or srun, chose the world size)."""
+        processes = self.devices * self.num_nodes if isinstance(self.devices, int) else 1
+        files = [eval_data] if isinstance(eval_data, str) else list(eval_data)
+        if processes == 1 or not all(
+            os.path.isfile(name) for name in files
+        ):  # the data module names a missing file
+            return
+        rows = 0
+        for name in files:
+            with open(name, "rb") as fh:
+                rows += sum(1 for line in fh if line.strip())
+            if rows >= processes:
+                return
+        raise ConfigError(
+            f"--devices: {processes} processes for the {rows} rows of {', '.join(map(str, files))}; each process "
+            "needs a row at least: use fewer devices (or nodes)"
+        )
+
 
 class EvalProcesses:
     """The evaluation's processes: started by :meth:`start`, then one fresh Trainer per checkpoint."""
@@ -59,6 +81,7 @@ class EvalProcesses:
         self.where = where
         self.batch_size = batch_size
         self.precision = where.precision or run_precision or "32-true"
+        self.said_partitions = False
         self.trainer = self._new_trainer()
 
     def _new_trainer(self) -> L.Trainer:
@@ -101,4 +124,19 @@ class EvalProcesses:
     def validate(self, module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
         """``Trainer.validate`` of ``module`` on every rank; the metrics are reduced over all of them."""
         self.trainer.validate(module, datamodule=datamodule, verbose=False)
+        if not self.said_partitions:
+            self.said_partitions = True
+            say_partitions(module, self.world_size)
         gc.collect()  # the previous checkpoint's engine and partitions, before the next one is loaded
+
+
+def say_partitions(module: torch.nn.Module, world_size: int) -> None:
+    """Under ZeRO-3, how much of the model rank 0 holds (each rank as much): the proof that no rank held it whole."""
+    params = list(module.parameters())
+    if not params or not all(hasattr(p, "ds_tensor") for p in params):
+        return
+    total, local = sum(p.ds_numel for p in params), sum(p.ds_tensor.numel() for p in params)
+    say(
+        f"ZeRO-3: the {total:,} weights partitioned over {world_size} processes; rank 0 holds {local:,} "
+        f"({100 * local / total:.1f}%) between forward passes"
+    )

@@ -158,6 +158,7 @@ def evaluate(
     """Evaluate one checkpoint and print a table (``qwen-cls evaluate``; the parameters: :func:`qwen_cls.commands.evaluate`)."""
     where = where or EvalDevices()
     checkpoint = resolve_checkpoint(checkpoint_path)
+    where.check_rows(eval_data)
     run = read_config(checkpoint, config_path)
     check_class_names(checkpoint, run)
     datamodule = make_datamodule(run, eval_data, _processor_path(checkpoint, run), batch_size)
@@ -224,6 +225,7 @@ def evaluate_all(
     ranks must evaluate the same checkpoints); rank 0 alone writes, prints and logs."""
     where = where or EvalDevices()
     run, out = Path(run_dir), Path(output_dir or run_dir)
+    where.check_rows(eval_data)
     if not watch and not (run.is_dir() and list_checkpoints(run)):
         raise ConfigError(f"run_dir: {run} holds no complete checkpoint")
     if watch and not wait_for_run and not _is_run(run):

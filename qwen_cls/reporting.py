@@ -12,11 +12,14 @@ from typing import Any
 
 import yaml
 
+from qwen_cls.class_report import weakest
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
 from qwen_cls.plots import PLOTS_DIR, plot_run, read_metrics
 from qwen_cls.run_dir import (
+    BEST_CLASSES_DIR,
     BEST_FILE,
+    CLASSES_FILE,
     CSV_FILE,
     PLOT_FILE,
     CheckpointInfo,
@@ -30,6 +33,7 @@ from qwen_cls.run_dir import (
 EVAL_COLUMNS = (
     ("overall_accuracy", "accuracy"),
     ("overall_top5_accuracy", "top-5"),
+    ("overall_macro_f1", "macro-F1"),
     ("overall_loss", "eval loss"),
 )
 
@@ -89,6 +93,34 @@ def _best(run: Path, results: dict[int, dict[str, float]], source: str) -> tuple
     if record:
         return record.step, f"{record.metric} = {record.value:.4f} ({record.mode}), from {BEST_FILE}"
     return None, ""
+
+
+def _weakest_classes(run: Path, best_step: int | None, link) -> list[str]:
+    """The best checkpoint's classes with the lowest F1, from evaluate-all's per-class CSV, and its confusion
+    matrices (evaluate-all keeps the best one's)."""
+    if best_step is None or not (run / CLASSES_FILE).is_file():
+        return []
+    with (run / CLASSES_FILE).open() as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["step"]) == best_step]
+    worst = weakest(rows, 10)
+    if not worst:
+        return []
+    lines = [f"## Weakest classes of checkpoint-{best_step}", ""]
+    header = ["dataset", "class", "F1", "precision", "recall", "samples", "predicted"]
+    table = [
+        [
+            r["dataset"],
+            r["name"],
+            *(f"{float(r[k]):.3f}" for k in ("f1", "precision", "recall")),
+            r["support"],
+            r["predicted"],
+        ]
+        for r in worst
+    ]
+    lines += [_table(header, table), "", f"All classes of every checkpoint: `{CLASSES_FILE}`.", ""]
+    for png in sorted((run / BEST_CLASSES_DIR).glob(f"checkpoint-{best_step}.confusion.*.png")):
+        lines.append(f"![{png.stem}]({link(png)})")
+    return lines + [""]
 
 
 def _medians(rows: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
@@ -214,6 +246,8 @@ def write_report(run_dir: str, output: str | None = None) -> Path:
     for path, reason in incomplete:
         lines.append(f"- skipped `{path.name}`: {reason}")
     lines += [""] if incomplete else []
+
+    lines += _weakest_classes(run, best_step, link)
 
     lines += ["## Curves", ""]
     for png, title in (

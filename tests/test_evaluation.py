@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from qwen_cls.data import eval_subset
 from qwen_cls.evaluation import evaluate, evaluate_all
 from qwen_cls.rows import read_rows
 from qwen_cls.train import run_lightning_cli
-from tests.helpers import REPO, base_config, run_log, start_qwen_cls, write_config
+from tests.helpers import REPO, base_config, child_env, run_log, run_main, start_qwen_cls, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +50,7 @@ def test_partial_evaluation_runs_at_eval_steps_on_the_fixed_subset(tiny_model, d
     run = tmp_path / "run"
     config = standard_config(tiny_model, demo_data, run, save_all_checkpoints=True)
     config["evaluation"] = {"partial_eval_during_training": True, "full_eval_at_end": True}
-    config["best_model_tracking"] = {"enabled": True, "metric": "overall_accuracy", "mode": "max"}
+    config["best_model_tracking"] = {"enabled": True, "metric": "overall_macro_f1", "mode": "max"}
     run_lightning_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", config))])
 
     partial = partial_evals(run)
@@ -71,6 +73,11 @@ def test_partial_evaluation_runs_at_eval_steps_on_the_fixed_subset(tiny_model, d
     assert post_hoc["overall_samples"] == 100
     assert post_hoc["overall_loss"] == pytest.approx(partial[3]["overall_loss"], abs=1e-4)
     assert post_hoc["overall_accuracy"] == pytest.approx(partial[3]["overall_accuracy"], abs=1e-6)
+    assert post_hoc["overall_macro_f1"] == pytest.approx(partial[3]["overall_macro_f1"], abs=1e-6)
+    # the checkpoints were ranked by macro-F1 as they were saved
+    best = json.loads((run / "best_checkpoint.json").read_text())
+    assert best["metric"] == "overall_macro_f1"
+    assert best["value"] == pytest.approx(max(p["overall_macro_f1"] for p in partial.values()), abs=1e-9)
     # and each checkpoint records the evaluation of its own step
     info = json.loads((run / "checkpoint-6" / "training_info.json").read_text())
     assert info["eval_metrics"]["overall_loss"] == pytest.approx(partial[6]["overall_loss"], abs=1e-6)
@@ -275,3 +282,141 @@ def test_watch_follows_a_run_while_it_trains(tiny_model, demo_data, tmp_path):
         assert training.wait(timeout=600) == 0
     assert [r["step"] for r in rows] == [10, 20, 30]
     assert (tmp_path / "run" / "eval_all.csv").read_text().count("\n") == 4
+
+
+def _odd_rows(demo_data: Path, path: Path) -> Path:
+    """91 validation rows (every 11th, all ten digits): 2 processes get 46 and 45 + a filler."""
+    rows = [json.loads(x) for x in (demo_data / "val.jsonl").read_text().splitlines()[::11]]
+    path.write_text(
+        "".join(json.dumps({**r, "image_path": str(demo_data / r["image_path"])}) + "\n" for r in rows)
+    )
+    return path
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.multiprocess
+def test_one_process_ddp_and_zero3_give_the_same_numbers(no_eval_run, demo_data, tmp_path):
+    """evaluate-all on 91 rows: 1 process = DDP x2 = ZeRO-3 x2 (the weights partitioned), every checkpoint,
+    counts exactly, losses to float tolerance; and `evaluate` under ZeRO-3 gives the same row."""
+    data = _odd_rows(demo_data, tmp_path / "odd.jsonl")
+    runs = {"one": [], "ddp": ["--devices", "2", "--strategy", "ddp"]}
+    runs["zero3"] = ["--devices", "2", "--strategy", "deepspeed_stage_3"]
+    said = {}
+    for name, extra in runs.items():
+        out = subprocess.run(
+            [sys.executable, "-m", "qwen_cls", "evaluate-all", str(no_eval_run), "--eval_data", str(data)]
+            + ["--output_dir", str(tmp_path / name), "--wandb", "false", "--accelerator", "cpu", *extra],
+            cwd=REPO,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        said[name] = out.stdout
+    one = _csv(tmp_path / "one" / "eval_all.csv")
+    assert [r["step"] for r in one] == ["10", "20", "30"] and {r["overall_samples"] for r in one} == {"91"}
+    for name in ("ddp", "zero3"):
+        rows = _csv(tmp_path / name / "eval_all.csv")
+        assert [r["step"] for r in rows] == ["10", "20", "30"]
+        for a, b in zip(one, rows, strict=True):
+            for key in a:
+                if key.endswith("_loss"):
+                    assert float(b[key]) == pytest.approx(float(a[key]), abs=1e-6), (name, key)
+                else:  # counts and ratios of counts: exactly
+                    assert b[key] == a[key], (name, key)
+        assert _csv(tmp_path / name / "eval_all_classes.csv") == _csv(
+            tmp_path / "one" / "eval_all_classes.csv"
+        )
+        best = json.loads((tmp_path / name / "best_checkpoint.json").read_text())
+        assert (
+            best["checkpoint"]
+            == json.loads((tmp_path / "one" / "best_checkpoint.json").read_text())["checkpoint"]
+        )
+    # no rank held the whole model: each holds its half of the partitions between forward passes
+    share = re.search(
+        r"ZeRO-3: the ([\d,]+) weights partitioned over 2 processes; rank 0 holds ([\d,]+)", said["zero3"]
+    )
+    total, held = (int(share.group(i).replace(",", "")) for i in (1, 2))
+    assert held <= total * 0.55
+    assert "ZeRO-3" not in said["ddp"]
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_cls",
+            "evaluate",
+            "--checkpoint_path",
+            str(no_eval_run / "checkpoint-20"),
+        ]
+        + ["--eval_data", str(data), "--output", str(tmp_path / "e.json"), "--devices", "2"]
+        + ["--strategy", "deepspeed_stage_3", "--accelerator", "cpu"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = json.loads((tmp_path / "e.json").read_text())
+    assert single["overall_samples"] == 91
+    assert single["overall_accuracy"] == float(one[1]["overall_accuracy"])
+    assert single["overall_macro_f1"] == float(one[1]["overall_macro_f1"])
+    assert single["overall_loss"] == pytest.approx(float(one[1]["overall_loss"]), abs=1e-6)
+    assert (tmp_path / "e.classes.csv").is_file() and (tmp_path / "e.confusion.mnist.png").is_file()
+
+
+def test_a_kill_during_evaluate_all_keeps_the_rows_written(no_eval_run, demo_data, tmp_path):
+    out = tmp_path / "eval"
+    val = str(demo_data / "val.jsonl")
+    process = start_qwen_cls(
+        "evaluate-all", str(no_eval_run), "--eval_data", val, "--output_dir", str(out), "--wandb", "false"
+    )
+    deadline = time.monotonic() + 300
+    while not ((out / "eval_all.csv").is_file() and len(_csv(out / "eval_all.csv")) >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, "evaluate-all wrote no row"
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    kept = _csv(out / "eval_all.csv")
+    assert [r["step"] for r in kept] == ["10", "20"][: len(kept)] and len(kept) < 3
+    assert {r["step"] for r in _csv(out / "eval_all_classes.csv")} == {r["step"] for r in kept}
+    assert json.loads((out / "best_checkpoint.json").read_text())["step"] in {int(r["step"]) for r in kept}
+    assert not list(out.glob(".*.tmp"))
+    # started again, it evaluates them all; the rows the kill kept are the same numbers
+    rows = evaluate_all(str(no_eval_run), eval_data=val, output_dir=str(out), wandb=False)
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    for old, new in zip(kept, _csv(out / "eval_all.csv"), strict=False):
+        assert old == new
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategy", "deepspeed_stage_2"], "--strategy: deepspeed_stage_2 does not partition the weights"),
+        (["--strategy", "fsdp"], "--strategy: 'fsdp' cannot evaluate here; choose one of auto, ddp"),
+        (["--devices", "4", "--eval_data", "THREE"], "--devices: 4 processes for the 3 rows of"),
+        (["--devices", "0"], "--devices: a number >= 1 or auto, got 0"),
+        (["--metric", "overall_f1"], "--metric: unknown metric 'overall_f1'; choose one of overall_accuracy"),
+    ],
+)
+def test_bad_evaluation_settings_are_one_line_each(no_eval_run, demo_data, tmp_path, capsys, args, message):
+    three = tmp_path / "three.jsonl"
+    three.write_text(
+        "".join((demo_data / "val.jsonl").read_text().splitlines(keepends=True)[:3]).replace(
+            '"images/', f'"{demo_data}/images/'
+        )
+    )
+    args = [str(three) if a == "THREE" else a for a in args]
+    if "--eval_data" not in args:
+        args += ["--eval_data", str(three)]
+    code, _, err = run_main(
+        capsys, "evaluate-all", str(no_eval_run), "--output_dir", str(tmp_path / "o"), *args
+    )
+    assert code == 2 and err.strip().startswith(f"qwen-cls: error: {message}"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -182,6 +182,9 @@ def test_best_metric_must_be_known_and_listed_in_the_error():
     cfg["datasets"] = {"dataset_configs": {"food101": {}, "food2k": {}}}
     cfg["best_model_tracking"]["metric"] = "food2k_accuracy"
     assert resolve(cfg).checkpoint["monitor"] == "eval/food2k_accuracy"
+    for metric in ("overall_macro_f1", "food101_balanced_accuracy", "food2k_top5_accuracy"):
+        cfg["best_model_tracking"]["metric"] = metric
+        assert resolve(cfg).checkpoint["monitor"] == f"eval/{metric}"
     cfg["best_model_tracking"]["metric"] = "accuracy"
     with pytest.raises(ConfigError, match="best_model_tracking.metric") as err:
         resolve(cfg)

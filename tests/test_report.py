@@ -103,3 +103,13 @@ def test_report_names_the_argmax_of_eval_all_as_best(finished_run, demo_data, tm
             re.M,
         )
     assert "![evaluation of every checkpoint](eval_all.png)" in text
+    # the best checkpoint's weakest classes, from evaluate-all's per-class CSV, and its confusion matrix
+    step = argmax.removeprefix("checkpoint-")
+    with (run / "eval_all_classes.csv").open() as fh:
+        classes = [r for r in csv.DictReader(fh) if r["step"] == step]
+    assert len(classes) == 10 and sum(int(r["support"]) for r in classes) == 200
+    worst = min(classes, key=lambda r: (float(r["f1"]), float(r["recall"])))
+    section = _section(text, f"Weakest classes of {argmax}")
+    assert section.splitlines()[4].startswith(f"| mnist | {worst['name']} | {float(worst['f1']):.3f} |")
+    assert f"![{argmax}.confusion.mnist](eval_all_best/{argmax}.confusion.mnist.png)" in section
+    assert (run / "eval_all_best" / f"{argmax}.confusion.mnist.csv").is_file()

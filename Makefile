@@ -65,6 +65,7 @@ bench: setup serve-env
 	$(PY) bench/serve.py
 	$(PY) bench/profile_step.py
 	$(PY) bench/eval_all.py
+	$(PY) bench/eval_memory.py
 	$(PY) bench/checkpoint_cost.py
 	$(PY) bench/data_startup.py
 	$(PY) bench/lora.py

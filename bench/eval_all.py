@@ -1,6 +1,9 @@
-"""`qwen-cls evaluate-all` over N checkpoints vs N separate `qwen-cls evaluate` processes (`make bench`).
+"""`qwen-cls evaluate-all` over N checkpoints vs N separate `qwen-cls evaluate` processes, and evaluate-all on
+2 processes (DDP, ZeRO-3) vs 1 (`make bench`).
 
-Both are timed as a user runs them (whole commands, start-up included), on the same run folder and data.
+All are timed as a user runs them (whole commands, start-up included), on the same run folder and data. On a
+2-core machine, 2 processes share the cores one process's threads already use: the ratio says what the split
+itself costs or gains here, not what 2 GPUs do.
 """
 
 from __future__ import annotations
@@ -54,15 +57,24 @@ def main() -> None:
             timed(["evaluate", "--checkpoint_path", str(c), "--eval_data", str(data / "val.jsonl")])
             for c in checkpoints
         )
-        together = timed(
+        every = ["evaluate-all", str(run), "--eval_data", str(data / "val.jsonl"), "--wandb", "false"]
+        together = timed([*every, "--output_dir", str(Path(tmp) / "eval")])
+        ddp = timed([*every, "--output_dir", str(Path(tmp) / "ddp"), "--devices", "2", "--strategy", "ddp"])
+        zero3 = timed(
             [
-                "evaluate-all",
-                str(run),
-                "--eval_data",
-                str(data / "val.jsonl"),
+                *every,
                 "--output_dir",
-                str(Path(tmp) / "eval"),
+                str(Path(tmp) / "z3"),
+                "--devices",
+                "2",
+                "--strategy",
+                "deepspeed_stage_3",
             ]
+        )
+        same = all(
+            (Path(tmp) / name / "eval_all_classes.csv").read_text()
+            == (Path(tmp) / "eval" / "eval_all_classes.csv").read_text()
+            for name in ("ddp", "z3")
         )
     results = {
         "checkpoints": len(checkpoints),
@@ -70,6 +82,11 @@ def main() -> None:
         "separate_evaluate_s": round(separate, 2),
         "evaluate_all_s": round(together, 2),
         "ratio": round(together / separate, 3),
+        "evaluate_all_ddp_x2_s": round(ddp, 2),
+        "evaluate_all_zero3_x2_s": round(zero3, 2),
+        "ddp_x2_over_one": round(ddp / together, 3),
+        "zero3_x2_over_one": round(zero3 / together, 3),
+        "per_class_results_identical": same,
     }
     report(results, args.out)
 

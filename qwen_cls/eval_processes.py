@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,7 @@ import torch
 
 from qwen_cls.console import say
 from qwen_cls.errors import ConfigError
-from qwen_cls.strategy import build_strategy, deepspeed_kwargs
+from qwen_cls.strategy import LoadZero3Weights, build_strategy, deepspeed_kwargs
 
 # What evaluation can run under: a copy of the model per process (auto: one device, else DDP), or ZeRO-3's
 # partitions. ZeRO-1/2 partition the optimizer state and gradients only, which evaluation has none of.
@@ -52,6 +53,11 @@ class EvalDevices:
                 f"--strategy: {self.strategy!r} cannot evaluate here; choose one of {', '.join(STRATEGIES)} "
                 "(deepspeed_stage_3 partitions a model larger than one device)"
             )
+
+    @property
+    def partitions(self) -> bool:
+        """Whether the weights are partitioned over the processes (ZeRO-3)."""
+        return self.strategy.startswith("deepspeed_stage_3")
 
     def check_rows(self, eval_data: str | list[str]) -> None:
         """More processes than rows is refused before any process starts (the data module checks again where a
@@ -121,9 +127,18 @@ class EvalProcesses:
         """Rank 0's ``value`` on every rank (what to evaluate next: the ranks must agree)."""
         return self.trainer.strategy.broadcast(value) if self.world_size > 1 else value
 
-    def validate(self, module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
-        """``Trainer.validate`` of ``module`` on every rank; the metrics are reduced over all of them."""
-        self.trainer.validate(module, datamodule=datamodule, verbose=False)
+    def validate(
+        self, module: L.LightningModule, datamodule: L.LightningDataModule, shards: Path | None = None
+    ) -> None:
+        """``Trainer.validate`` of ``module`` on every rank; the metrics are reduced over all of them. ``shards``:
+        a checkpoint whose DeepSpeed shards are read into the partitioned module first."""
+        loader = [LoadZero3Weights(shards)] if shards is not None else []
+        self.trainer.callbacks.extend(loader)
+        try:
+            self.trainer.validate(module, datamodule=datamodule, verbose=False)
+        finally:
+            for callback in loader:
+                self.trainer.callbacks.remove(callback)
         if not self.said_partitions:
             self.said_partitions = True
             say_partitions(module, self.world_size)

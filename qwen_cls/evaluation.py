@@ -80,17 +80,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_module(checkpoint: Path, run: RunConfig) -> QwenClassifier:
-    """The trained module of a checkpoint: from ``hf_model/``, or else from the Lightning state in ``deepspeed/``."""
+def shards_only(checkpoint: Path) -> bool:
+    return not (checkpoint / HF_DIR).is_dir() and (checkpoint / STATE_DIR / "latest").is_file()
+
+
+def load_module(checkpoint: Path, run: RunConfig, partitioned: bool = False) -> QwenClassifier:
+    """The trained module of a checkpoint: from ``hf_model/``, or else from the Lightning state in ``deepspeed/``.
+    With ``partitioned`` (evaluation under ZeRO-3), a checkpoint of DeepSpeed shards alone gives the module of
+    ``model.pretrained_name``, into whose partitions :class:`LoadZero3Weights` reads the shards."""
     hf_dir, state = checkpoint / HF_DIR, checkpoint / STATE_DIR / STATE_FILE
     kwargs = {"num_labels": run.model["num_labels"], "loss": run.loss, "datasets": run.datasets}
     kwargs["attn_implementation"] = run.model.get("attn_implementation", "auto")
     if hf_dir.is_dir():
         return QwenClassifier(pretrained_name=str(hf_dir), **kwargs)
-    if (checkpoint / STATE_DIR / "latest").is_file():
+    if shards_only(checkpoint):
+        lora = (run.model.get("lora") or {}).get("enabled", False)
+        if partitioned and not lora:
+            return QwenClassifier(pretrained_name=run.model["pretrained_name"], **kwargs)
+        how = "" if lora else ", or evaluate it with --strategy deepspeed_stage_3, which reads the shards"
         raise ConfigError(
             f"--checkpoint_path: {checkpoint} has no {HF_DIR}/, only DeepSpeed shards in {STATE_DIR}/; rebuild it "
-            f"with: qwen-cls export --checkpoint_path {checkpoint}"
+            f"with: qwen-cls export --checkpoint_path {checkpoint}{how}"
         )
     if not state.is_file():
         raise ConfigError(
@@ -162,9 +172,9 @@ def evaluate(
     run = read_config(checkpoint, config_path)
     check_class_names(checkpoint, run)
     datamodule = make_datamodule(run, eval_data, _processor_path(checkpoint, run), batch_size)
-    module = load_module(checkpoint, run)  # its errors before the trainer's banner
+    module = load_module(checkpoint, run, where.partitions)  # its errors before the trainer's banner
     processes = EvalProcesses(where, datamodule.eval_batch_size, _trainer_precision(run)).start()
-    processes.validate(module, datamodule)
+    processes.validate(module, datamodule, checkpoint if shards_only(checkpoint) else None)
     classes = class_rows(module.last_eval_classes, run.datasets)
     result = {"checkpoint": str(checkpoint), "eval_data": str(eval_data), **module.last_eval_metrics}
     if processes.is_global_zero:
@@ -253,8 +263,8 @@ def evaluate_all(
             if checkpoint_step(ckpt) in done:
                 continue
             info = read_info(ckpt)
-            module = load_module(ckpt, config)
-            processes.validate(module, datamodule)
+            module = load_module(ckpt, config, where.partitions)
+            processes.validate(module, datamodule, ckpt if shards_only(ckpt) else None)
             metrics, step = dict(module.last_eval_metrics), checkpoint_step(ckpt)
             rows.append({"step": step, "checkpoint": ckpt.name, **metrics})
             finished = finished or info.final

@@ -280,7 +280,9 @@ def test_validate_a_zero3_checkpoint(zero3_run, val_subset, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(zero2_run, val_subset, tmp_path, capsys):
+def test_a_checkpoint_with_only_shards_is_evaluated_under_zero3_or_pointed_to_export(
+    zero2_run, val_subset, tmp_path, capsys
+):
     checkpoint = tmp_path / "checkpoint-3"
     shutil.copytree(zero2_run.run_dir / "checkpoint-3", checkpoint)
     original = load_file(checkpoint / "hf_model" / "model.safetensors")
@@ -291,8 +293,39 @@ def test_evaluate_points_to_export_when_a_checkpoint_has_only_shards(zero2_run, 
     assert code == 2
     assert err.strip() == (
         f"qwen-cls: error: --checkpoint_path: {checkpoint} has no hf_model/, only DeepSpeed shards in deepspeed/; "
-        f"rebuild it with: qwen-cls export --checkpoint_path {checkpoint}"
+        f"rebuild it with: qwen-cls export --checkpoint_path {checkpoint}, or evaluate it with --strategy "
+        "deepspeed_stage_3, which reads the shards"
     )
+    # under ZeRO-3 the shards are read into the partitions: the numbers of the hf_model/ the run saved
+    out = qwen_cls(
+        "evaluate",
+        "--checkpoint_path",
+        str(checkpoint),
+        "--eval_data",
+        str(val_subset),
+        "--devices",
+        "2",
+        "--strategy",
+        "deepspeed_stage_3",
+        "--output",
+        str(tmp_path / "shards.json"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    code, _, err = run_main(
+        capsys,
+        "evaluate",
+        "--checkpoint_path",
+        str(zero2_run.run_dir / "checkpoint-3"),
+        "--eval_data",
+        str(val_subset),
+        "--output",
+        str(tmp_path / "hf.json"),
+    )
+    assert code == 0, err[-3000:]
+    from_shards, from_hf = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("shards", "hf"))
+    assert from_shards["overall_samples"] == from_hf["overall_samples"] == 200
+    assert from_shards["overall_accuracy"] == from_hf["overall_accuracy"]
+    assert from_shards["overall_loss"] == pytest.approx(from_hf["overall_loss"], abs=1e-5)
     assert run_main(capsys, "export", "--checkpoint_path", str(checkpoint))[0] == 0
     rebuilt = load_file(checkpoint / "hf_model" / "model.safetensors")
     assert rebuilt.keys() == original.keys() and all(torch.equal(rebuilt[k], original[k]) for k in original)

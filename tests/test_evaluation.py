@@ -301,7 +301,8 @@ def _csv(path: Path) -> list[dict[str, str]]:
 @pytest.mark.multiprocess
 def test_one_process_ddp_and_zero3_give_the_same_numbers(no_eval_run, demo_data, tmp_path):
     """evaluate-all on 91 rows: 1 process = DDP x2 = ZeRO-3 x2 (the weights partitioned), every checkpoint,
-    counts exactly, losses to float tolerance; and `evaluate` under ZeRO-3 gives the same row."""
+    counts exactly, losses to float tolerance; and `evaluate` under ZeRO-3, started by torchrun, gives the same
+    row."""
     data = _odd_rows(demo_data, tmp_path / "odd.jsonl")
     runs = {"one": [], "ddp": ["--devices", "2", "--strategy", "ddp"]}
     runs["zero3"] = ["--devices", "2", "--strategy", "deepspeed_stage_3"]
@@ -345,15 +346,10 @@ def test_one_process_ddp_and_zero3_give_the_same_numbers(no_eval_run, demo_data,
     assert held <= total * 0.55
     assert "ZeRO-3" not in said["ddp"]
 
+    # launched by torchrun, as on a cluster: the same numbers
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qwen_cls",
-            "evaluate",
-            "--checkpoint_path",
-            str(no_eval_run / "checkpoint-20"),
-        ]
+        [*torchrun, "-m", "qwen_cls", "evaluate", "--checkpoint_path", str(no_eval_run / "checkpoint-20")]
         + ["--eval_data", str(data), "--output", str(tmp_path / "e.json"), "--devices", "2"]
         + ["--strategy", "deepspeed_stage_3", "--accelerator", "cpu"],
         cwd=REPO,

@@ -11,7 +11,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+# The parameters evaluate and evaluate-all share (their --help reads them from the docstrings).
+DEVICE_ARGS = """\
+        devices: processes (devices) per node, each scoring its share of the rows; or auto.
+        num_nodes: nodes, as ``fit``'s ``trainer.num_nodes`` (launched by torchrun or srun on each node).
+        accelerator: cpu, gpu or auto.
+        strategy: auto or ddp (a copy of the model on each device), or deepspeed_stage_3 (the weights
+            partitioned over the devices: for a model larger than one device).
+        precision: as ``trainer.precision`` (default: the run's).
+"""
 
+
+def _with_device_args(function: Callable) -> Callable:
+    """Ends the function's ``Args:`` (its last section) with :data:`DEVICE_ARGS`."""
+    function.__doc__ = function.__doc__.rstrip() + "\n" + DEVICE_ARGS
+    return function
+
+
+@_with_device_args
 def evaluate(
     checkpoint_path: str,
     eval_data: str,
@@ -34,12 +51,6 @@ def evaluate(
         batch_size: evaluation batch size (default: the config's).
         output: also write the metrics and per-class results to this JSON file; beside it ``<name>.classes.csv``
             (precision, recall, F1, support per class) and ``<name>.confusion.<dataset>.csv`` and ``.png``.
-        devices: processes (devices) per node, each scoring its share of the rows; or auto.
-        num_nodes: nodes, as ``fit``'s ``trainer.num_nodes`` (launched by torchrun or srun on each node).
-        accelerator: cpu, gpu or auto.
-        strategy: auto or ddp (a copy of the model on each device), or deepspeed_stage_3 (the weights
-            partitioned over the devices: for a model larger than one device).
-        precision: as ``trainer.precision`` (default: the run's).
     """
     from qwen_cls import evaluation
     from qwen_cls.eval_processes import EvalDevices
@@ -48,6 +59,7 @@ def evaluate(
     return evaluation.evaluate(checkpoint_path, eval_data, config_path, batch_size, output, where)
 
 
+@_with_device_args
 def evaluate_all(
     run_dir: str,
     *,
@@ -90,12 +102,6 @@ def evaluate_all(
         metric: rank the checkpoints by this metric (e.g. overall_macro_f1, mnist_balanced_accuracy); default:
             the run's best_model_tracking.metric.
         mode: max or min (default: min for a loss, else max).
-        devices: processes (devices) per node, each scoring its share of the rows; or auto.
-        num_nodes: nodes, as ``fit``'s ``trainer.num_nodes`` (launched by torchrun or srun on each node).
-        accelerator: cpu, gpu or auto.
-        strategy: auto or ddp (a copy of the model on each device), or deepspeed_stage_3 (the weights
-            partitioned over the devices: for a model larger than one device).
-        precision: as ``trainer.precision`` (default: the run's).
     """
     from qwen_cls import evaluation
     from qwen_cls.eval_processes import EvalDevices

@@ -293,6 +293,13 @@ def _odd_rows(demo_data: Path, path: Path) -> Path:
     return path
 
 
+def _child(*args: str) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a process of its own (several ranks), output captured."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600
+    )
+
+
 def _csv(path: Path) -> list[dict[str, str]]:
     with path.open() as fh:
         return list(csv.DictReader(fh))
@@ -308,14 +315,20 @@ def test_one_process_ddp_and_zero3_give_the_same_numbers(no_eval_run, demo_data,
     runs["zero3"] = ["--devices", "2", "--strategy", "deepspeed_stage_3"]
     said = {}
     for name, extra in runs.items():
-        out = subprocess.run(
-            [sys.executable, "-m", "qwen_cls", "evaluate-all", str(no_eval_run), "--eval_data", str(data)]
-            + ["--output_dir", str(tmp_path / name), "--wandb", "false", "--accelerator", "cpu", *extra],
-            cwd=REPO,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
+        out = _child(
+            "-m",
+            "qwen_cls",
+            "evaluate-all",
+            str(no_eval_run),
+            "--eval_data",
+            str(data),
+            "--output_dir",
+            str(tmp_path / name),
+            "--wandb",
+            "false",
+            "--accelerator",
+            "cpu",
+            *extra,
         )
         assert out.returncode == 0, out.stderr[-3000:]
         said[name] = out.stdout
@@ -347,16 +360,27 @@ def test_one_process_ddp_and_zero3_give_the_same_numbers(no_eval_run, demo_data,
     assert "ZeRO-3" not in said["ddp"]
 
     # launched by torchrun, as on a cluster: the same numbers
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    out = subprocess.run(
-        [*torchrun, "-m", "qwen_cls", "evaluate", "--checkpoint_path", str(no_eval_run / "checkpoint-20")]
-        + ["--eval_data", str(data), "--output", str(tmp_path / "e.json"), "--devices", "2"]
-        + ["--strategy", "deepspeed_stage_3", "--accelerator", "cpu"],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = _child(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "qwen_cls",
+        "evaluate",
+        "--checkpoint_path",
+        str(no_eval_run / "checkpoint-20"),
+        "--eval_data",
+        str(data),
+        "--output",
+        str(tmp_path / "e.json"),
+        "--devices",
+        "2",
+        "--strategy",
+        "deepspeed_stage_3",
+        "--accelerator",
+        "cpu",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     single = json.loads((tmp_path / "e.json").read_text())

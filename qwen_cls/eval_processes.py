@@ -59,11 +59,11 @@ class EvalDevices:
         """Whether the weights are partitioned over the processes (ZeRO-3)."""
         return self.strategy.startswith("deepspeed_stage_3")
 
-    def check_rows(self, eval_data: str | list[str]) -> None:
+    def check_rows(self, eval_data: str | os.PathLike | list[str]) -> None:
         """More processes than rows is refused before any process starts (the data module checks again where a
         launcher, torchrun or srun, chose the world size)."""
         processes = self.devices * self.num_nodes if isinstance(self.devices, int) else 1
-        files = [eval_data] if isinstance(eval_data, str) else list(eval_data)
+        files = [eval_data] if isinstance(eval_data, str | os.PathLike) else list(eval_data)
         if processes == 1 or not all(
             os.path.isfile(name) for name in files
         ):  # the data module names a missing file

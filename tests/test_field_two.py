@@ -129,7 +129,8 @@ def test_overwrite_removes_every_record_of_the_old_run_and_keep_all_keeps_all(
     assert code == 0
     assert (
         f"overwrite_output_dir: removed the previous run from {run}: 3 checkpoints (checkpoint-5..checkpoint-12), "
-        "eval_all.csv, eval_all.png, best_checkpoint.json, eval_final.json, report.md, plots/, logs/" in out
+        "eval_all.csv, eval_all.png, best_checkpoint.json, eval_all_classes.csv, eval_all_best/, eval_final.json, "
+        "report.md, plots/, logs/" in out
     )
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-4", "logs", "plots"]
     assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO := outputs
 
-.PHONY: setup demo test test-fast lint bench bench-peer serve-env clean
+.PHONY: setup demo test test-fast lint bench bench-peer serve-env slurm-env clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,7 @@ demo: setup
 	$(QWEN_CLS) evaluate-all $(DEMO)/demo_run --eval_data $(DEMO)/mnist/val.jsonl
 	$(QWEN_CLS) report $(DEMO)/demo_run
 
-test: setup serve-env
+test: setup serve-env slurm-env
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -49,6 +49,7 @@ bench-peer:
 # qwen-cls itself without its dependencies, for scripts/vllm_classify.py (qwen_cls.images). See ../shared/ENV.md.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+
 serve-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP):
@@ -59,6 +60,10 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -c "import vllm, qwen_cls.images"
 	touch $@
+
+# The launch tests' one-node Slurm cluster: slurm-wlm and munge from apt (as root), where missing.
+slurm-env:
+	bash scripts/install_slurm.sh
 
 bench: setup serve-env
 	$(PY) bench/overhead.py

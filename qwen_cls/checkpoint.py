@@ -122,6 +122,7 @@ class QwenCheckpoint(ModelCheckpoint):
         self._started = time.monotonic()
         self._at_train_end = False
         self.stopped_by: str | None = None  # the signal that stopped the run, recorded in training_info.json
+        self._stop_started: float | None = None  # when StopOnSignal decided to stop (the save time said)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -154,14 +155,25 @@ class QwenCheckpoint(ModelCheckpoint):
         if name is None or trainer.state.fn != "fit" or trainer.global_step == 0:
             self._finish_writing(trainer, collective=False)
             return
+        started = self._stop_started or time.monotonic()
+        self.save_for_stop(trainer, name)
+        self._finish_writing(trainer, collective=False)
+        # how long the grace period had to be (a save in flight, then this one): what a --signal lead must cover
+        say(
+            f"stopped by {name} at step {trainer.global_step}: {CHECKPOINT_PREFIX}{trainer.global_step} is complete "
+            f"({time.monotonic() - started:.1f} s after the signal); resume with --ckpt_path last"
+        )
+
+    def save_for_stop(self, trainer: L.Trainer, name: str, signalled_at: float | None = None) -> None:
+        """The checkpoint of the step a signal stops at, marked ``stopped_by``; written at once, not in the
+        background. :class:`qwen_cls.stop_signal.StopOnSignal` calls it in ``on_train_batch_end``, where a periodic
+        save happens, so the loops' state in it is a periodic save's (a save after the step's end, in
+        ``on_exception``, resumed one epoch late at an epoch's last batch)."""
+        self._background = False
+        self._stop_started = self._stop_started or signalled_at or time.monotonic()
         self.stopped_by = name
         if self._last_global_step_saved != trainer.global_step:
             self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
-        self._finish_writing(trainer, collective=False)
-        say(
-            f"stopped by {name} at step {trainer.global_step}: {CHECKPOINT_PREFIX}{trainer.global_step} is complete; "
-            "resume with --ckpt_path last"
-        )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The last step is always saved, whatever ``save_steps`` is: it is the one to resume from; training
@@ -174,10 +186,14 @@ class QwenCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """A run that ``max_steps`` stopped within an epoch has counted that epoch completed (Lightning's loop
         ends so); its last checkpoint must say the epoch is in progress, or a resume that extends the run (a
-        larger ``training.max_steps``) would take up the next epoch at this batch and skip the rest of both."""
+        larger ``training.max_steps``) would take up the next epoch at this batch and skip the rest of both.
+        The same at an epoch's last batch (a SIGTERM stop there, or ``max_steps`` on an epoch boundary): the
+        epoch counted completed beside a batch count of a whole epoch made the resume skip the next epoch
+        (measured: epoch 2 where 1 was due); in progress, Lightning completes it on resume and starts the next
+        from its first batch, as after a periodic save there."""
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
         done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        if progress and 0 < done < trainer.num_training_batches:
+        if progress and 0 < done <= trainer.num_training_batches:
             for counts in (progress["current"], progress["total"]):
                 if counts["completed"] == counts["started"] > 0:
                     counts["processed"] = counts["completed"] = counts["started"] - 1

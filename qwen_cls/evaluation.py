@@ -505,12 +505,10 @@ class _WandbHistory:
 
 def _print_table(metrics: dict[str, Any], dataset_names: list[str], datasets: DatasetsConfig) -> None:
     table = Table(title=f"{metrics['checkpoint']} on {metrics['eval_data']}")
-    for column in ("dataset", "top-1", "top-5", "macro-F1", "balanced acc.", "loss", "samples", "classes"):
-        table.add_column(column, justify="left" if column in ("dataset", "classes") else "right")
-    for name in ["overall", *dataset_names]:
-        if f"{name}_samples" not in metrics:
-            continue
-        names = datasets.names(name) if name in datasets.dataset_configs else []
+    for column in ("dataset", "top-1", "top-5", "macro-F1", "balanced acc.", "loss", "samples"):
+        table.add_column(column, justify="left" if column == "dataset" else "right")
+    shown = [name for name in ["overall", *dataset_names] if f"{name}_samples" in metrics]
+    for name in shown:
         table.add_row(
             name,
             f"{metrics[f'{name}_accuracy']:.4f}",
@@ -519,9 +517,16 @@ def _print_table(metrics: dict[str, Any], dataset_names: list[str], datasets: Da
             f"{metrics.get(f'{name}_balanced_accuracy', float('nan')):.4f}",
             f"{metrics[f'{name}_loss']:.4f}",
             str(metrics[f"{name}_samples"]),
-            ", ".join(names[:6]) + (f", ... ({len(names)})" if len(names) > 6 else ""),
         )
     Console().print(table)
+    for name in shown[1:]:  # a line each: a table column of names would wrap to nothing on a terminal
+        names = datasets.names(name) if name in datasets.dataset_configs else []
+        if names:
+            say(
+                f"classes of {name}: "
+                + ", ".join(names[:12])
+                + (f", ... ({len(names)})" if len(names) > 12 else "")
+            )
 
 
 def _print_ranking(rows: list[dict[str, Any]], tracking: BestModelTrackingConfig) -> None:

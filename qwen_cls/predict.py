@@ -109,7 +109,9 @@ class Predictor:
                     self.module(inputs).float(), self.module.valid_classes(inputs["dataset_idx"])
                 )
                 probs, indices = logits.softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-                readable = iter(zip(probs.tolist(), indices.tolist(), [row[2] for row in opened], strict=True))
+                readable = iter(
+                    zip(probs.tolist(), indices.tolist(), [row[2] for row in opened], strict=True)
+                )
                 for row in rows:
                     if "error" not in row:
                         p, i, dataset_idx = next(readable)

@@ -58,6 +58,7 @@ from qwen_cls.run_dir import (
     resume_state_path,
     scan_checkpoints,
 )
+from qwen_cls.stop_signal import StopOnSignal
 from qwen_cls.strategy import (
     LoadZero3Weights,
     build_strategy,
@@ -252,6 +253,7 @@ class QwenCLI(LightningCLI):
         }
         callbacks = [QwenCheckpoint(output_dir, run_info=run_info, **retention, **self.resolution.checkpoint)]
         if self.subcommand == "fit":
+            callbacks.append(StopOnSignal())
             callbacks.append(
                 TrainingMonitor(
                     cfg.training.logging_steps,

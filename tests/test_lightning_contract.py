@@ -72,6 +72,10 @@ def test_private_members_set_or_read_on_other_objects_still_exist():
     # model.QwenClassifier reads its trainer before Lightning's `trainer` property would raise (no trainer yet)
     if "_trainer" not in inspect.getsource(LightningModule.__init__):
         missing.append("LightningModule._trainer")
+    # stop_signal.StopOnSignal sets Lightning's SIGTERM flag on every rank at once
+    trainer = Trainer(accelerator="cpu", logger=False)
+    if not hasattr(getattr(trainer, "_signal_connector", None), "received_sigterm"):
+        missing.append("Trainer._signal_connector.received_sigterm")
     # strategy.CPUDeepSpeedStrategy keeps CPU devices in the attribute behind Lightning's parallel_devices property
     if "self._parallel_devices" not in inspect.getsource(ParallelStrategy):
         missing.append("ParallelStrategy._parallel_devices")

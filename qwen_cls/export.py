@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoProcessor, PreTrainedConfig
 
 from qwen_cls.config import LoraSettings, RunConfig
 from qwen_cls.console import say
 from qwen_cls.data import load_processor
 from qwen_cls.errors import ConfigError
+from qwen_cls.families import is_classifier
 from qwen_cls.loading import DTYPES, training_dtype
 from qwen_cls.losses import head_for
-from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
+from qwen_cls.modeling import QwenVLForImageClassification, classifier_config
 from qwen_cls.run_dir import HF_DIR, INFO_FILE, STATE_DIR, check_new_folder, read_info, written_whole
 from qwen_cls.serving import SERVING_FILE, export_vllm
 from qwen_cls.strategy import zero_weights
@@ -99,10 +100,10 @@ def _from_shards(checkpoint: Path, run: RunConfig, dtype: torch.dtype, out: Path
     return sum(t.numel() for t in state.values())
 
 
-def _config(base: str, num_labels: int, head: str, scale: float) -> QwenVLClassifierConfig:
+def _config(base: str, num_labels: int, head: str, scale: float) -> PreTrainedConfig:
     if not (Path(base) / "config.json").is_file():
         raise ConfigError(f"model.pretrained_name: {base} (from the checkpoint's config) has no config.json")
     config = AutoConfig.from_pretrained(base)
-    if isinstance(config, QwenVLClassifierConfig):
+    if is_classifier(config.model_type):
         return config
     return classifier_config(config, num_labels, head, scale)

@@ -8,6 +8,7 @@ import platform
 
 import torch
 
+from qwen_cls.families import family_of
 from qwen_cls.lora import is_lora_param
 
 # Dense bf16 peak per device in TFLOP/s (vendor datasheets, no sparsity); the first matching name wins
@@ -59,31 +60,93 @@ def _window_squares(n: torch.Tensor, window: int) -> torch.Tensor:
     return (n // window) * window**2 + (n % window) ** 2
 
 
-def vision_flops(vc, grid_thw: torch.Tensor) -> torch.Tensor:
-    """Forward FLOPs of the Qwen2.5-VL vision tower on images with (t, h, w) patch grids: patch embedding,
-    per-patch projections and MLPs, windowed attention (full attention in ``fullatt_block_indexes``), merger."""
-    h, m = vc.hidden_size, vc.spatial_merge_size
+def vision_flops(vc, grid_thw: torch.Tensor, kind: str = "qwen2_5_vl") -> torch.Tensor:
+    """Forward FLOPs of a family's vision tower (``kind``: :attr:`qwen_cls.families.Family.vision`) on images
+    with (t, h, w) patch grids: patch embedding, per-patch projections and MLPs, attention, the merger (and
+    Qwen3-VL's DeepStack mergers, one per ``deepstack_visual_indexes`` entry). Qwen2.5-VL attends in windows
+    (full attention in ``fullatt_block_indexes``) with a gated MLP; Qwen2-VL and Qwen3-VL attend over each
+    whole frame with a two-matrix MLP."""
+    m = vc.spatial_merge_size
     t, gh, gw = grid_thw.to(torch.float64).unbind(-1)
     patches = (t * gh * gw).sum()
+    full_sq = (t * (gh * gw) ** 2).sum()  # full attention runs per frame
+    if kind == "qwen2_vl":
+        h, mlp, out = vc.embed_dim, 2 * vc.embed_dim * vc.embed_dim * vc.mlp_ratio, vc.hidden_size
+    else:
+        h, out = vc.hidden_size, vc.out_hidden_size
+        mlp = (3 if kind == "qwen2_5_vl" else 2) * h * vc.intermediate_size
     patch_in = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-    linear = 2 * patches * (patch_in * h + vc.depth * (4 * h * h + 3 * h * vc.intermediate_size))
+    linear = 2 * patches * (patch_in * h + vc.depth * (4 * h * h + mlp))
     merged_h = h * m * m
-    merger = 2 * (patches / m**2) * (merged_h * merged_h + merged_h * vc.out_hidden_size)
+    mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or ())
+    merger = mergers * 2 * (patches / m**2) * (merged_h * merged_h + merged_h * out)
+    if kind != "qwen2_5_vl":
+        return linear + merger + 4 * h * vc.depth * full_sq
     window = vc.window_size // m // vc.patch_size  # in merged tokens
     window_sq = (t * m**4 * _window_squares(gh / m, window) * _window_squares(gw / m, window)).sum()
-    full_sq = (t * (gh * gw) ** 2).sum()  # full attention runs per frame
     full_layers = len(vc.fullatt_block_indexes)
     attention = 4 * h * ((vc.depth - full_layers) * window_sq + full_layers * full_sq)
     return linear + merger + attention
 
 
+DELTA_CHUNK = 64  # transformers' and flash-linear-attention's chunk length for the gated delta rule
+
+
 def text_flops(tc, seq_lens: torch.Tensor) -> torch.Tensor:
-    """Forward FLOPs of the language model on sequences of the given real lengths (no LM head)."""
-    h, layers = tc.hidden_size, tc.num_hidden_layers
-    kv = tc.num_key_value_heads * (h // tc.num_attention_heads)
+    """Forward FLOPs of the language model on sequences of the given real lengths (no LM head), layer by
+    layer: attention projections (Qwen3.5's full-attention query doubled by its output gate), the MLP or, in
+    an MoE layer, the router and the ``num_experts_per_tok`` experts each token runs (not all experts), and
+    attention's s² terms; Qwen3.5's linear-attention layers instead their projections, the short convolution
+    and the chunked gated delta rule (64-token chunks; its two triangular solves, O(chunk²) per column, are
+    left out, as torch's FLOP counter leaves them)."""
+    h = tc.hidden_size
+    head_dim = getattr(tc, "head_dim", None) or h // tc.num_attention_heads
+    q, kv = tc.num_attention_heads * head_dim, tc.num_key_value_heads * head_dim
     lens = seq_lens.to(torch.float64)
-    per_token = 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * tc.intermediate_size)
-    return per_token * lens.sum() + 4 * layers * h * (lens**2).sum()
+    tokens, squares = lens.sum(), (lens**2).sum()
+    layer_types = getattr(tc, "layer_types", None) or ["full_attention"] * tc.num_hidden_layers
+    gate = 2 if "linear_attention" in layer_types else 1  # Qwen3.5's full-attention query carries its gate
+    total = torch.zeros((), dtype=torch.float64, device=lens.device)
+    for index, layer_type in enumerate(layer_types):
+        if layer_type == "linear_attention":
+            total = total + _delta_rule_layer(tc, lens)
+        else:
+            total = total + 2 * tokens * (h * q * gate + 2 * h * kv + q * h) + 4 * q * squares
+        total = total + 2 * tokens * _mlp_macs(tc, index)
+    return total
+
+
+def _mlp_macs(tc, index: int) -> float:
+    """Multiply-accumulates per token of layer ``index``'s MLP: dense (gate, up, down), or the router and the
+    routed experts (plus a shared expert and its gate, Qwen3.5-MoE's)."""
+    experts = getattr(tc, "num_experts", 0) or 0
+    sparse = (
+        experts > 0
+        and index not in (getattr(tc, "mlp_only_layers", None) or ())
+        and (index + 1) % getattr(tc, "decoder_sparse_step", 1) == 0
+    )
+    if not sparse:
+        return 3 * tc.hidden_size * tc.intermediate_size
+    h, shared = tc.hidden_size, getattr(tc, "shared_expert_intermediate_size", 0) or 0
+    routed = h * experts + tc.num_experts_per_tok * 3 * h * tc.moe_intermediate_size
+    return routed + (3 * h * shared + h if shared else 0)
+
+
+def _delta_rule_layer(tc, lens: torch.Tensor) -> torch.Tensor:
+    """One Gated-DeltaNet layer: in/out projections, the depthwise convolution, and per value head and chunk
+    of C: k_beta·kᵀ and q·kᵀ (2C²·dk each), the chunk's attention on the new values (2C²·dv), and the state's
+    read, correction and update (3 x 2C·dk·dv). Each sequence's chunks are its own (its last one padded)."""
+    h, dk, dv = tc.hidden_size, tc.linear_key_head_dim, tc.linear_value_head_dim
+    nk, nv = tc.linear_num_key_heads, tc.linear_num_value_heads
+    key_dim, value_dim = nk * dk, nv * dv
+    conv_dim = 2 * key_dim + value_dim
+    tokens = lens.sum()
+    projections = 2 * tokens * (h * conv_dim + h * value_dim + 2 * h * nv + value_dim * h)
+    conv = 2 * tokens * conv_dim * tc.linear_conv_kernel_dim
+    c = DELTA_CHUNK
+    chunks = torch.ceil(lens / c).sum()
+    per_chunk = 4 * c * c * dk + 2 * c * c * dv + 6 * c * dk * dv
+    return projections + conv + chunks * nv * per_chunk
 
 
 def forward_flops(config, seq_lens: torch.Tensor, grid_thw: torch.Tensor | None) -> torch.Tensor:
@@ -98,8 +161,11 @@ def forward_flops_by_part(config, seq_lens: torch.Tensor, grid_thw: torch.Tensor
     """(language model with the head, vision tower) forward FLOPs: see :func:`forward_flops`."""
     hidden = config.text_config.hidden_size
     text = text_flops(config.text_config, seq_lens) + 2 * seq_lens.numel() * hidden * config.num_labels
+    kind = family_of(config.model_type).vision
     vision = (
-        vision_flops(config.vision_config, grid_thw) if grid_thw is not None and grid_thw.numel() else 0.0
+        vision_flops(config.vision_config, grid_thw, kind)
+        if grid_thw is not None and grid_thw.numel()
+        else 0.0
     )
     return text, vision
 

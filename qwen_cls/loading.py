@@ -1,5 +1,6 @@
 """Loading a model folder into the classifier: what a folder must hold, which attention and dtype it loads in,
-the classifier from a Qwen2.5-VL checkpoint (a new head) or from a saved ``hf_model/`` (its head, or a new one).
+the classifier from a Qwen-VL checkpoint of any supported family (a new head) or from a saved ``hf_model/`` (its
+head, or a new one).
 No Lightning: the LightningModule (:mod:`qwen_cls.model`), evaluation and export call it.
 """
 
@@ -14,11 +15,13 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLModel
+from transformers import PreTrainedConfig
 from transformers import logging as hf_logging
 
+from qwen_cls.config import COSINE_SCALE
 from qwen_cls.errors import CheckpointError, ConfigError
-from qwen_cls.modeling import QwenVLClassifierConfig, QwenVLForImageClassification, classifier_config
+from qwen_cls.families import family_of, is_classifier, supported
+from qwen_cls.modeling import QwenVLForImageClassification, classifier_class, classifier_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +42,8 @@ def save_dtype(choice: str, precision: str) -> torch.dtype | None:
 
 
 def qwen_model_type(path: str | Path) -> str:
-    """``qwen2_5_vl`` or ``qwen2_5_vl_classifier`` for a loadable folder; anything else is a config error."""
+    """A loadable folder's ``model_type``: a supported family's base model (``qwen3_vl``) or a classifier saved by
+    qwen-cls (``qwen3_vl_classifier``); anything else is a config error naming the supported families."""
     config_file = Path(path) / "config.json"
     if not Path(path).exists():
         hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) is not None
@@ -53,12 +57,11 @@ def qwen_model_type(path: str | Path) -> str:
             )
         )
     if not config_file.is_file():
-        raise ConfigError(f"model.pretrained_name: {path} has no config.json; expected a Qwen2.5-VL folder")
-    model_type = json.loads(config_file.read_text()).get("model_type", "")
-    if model_type not in ("qwen2_5_vl", QwenVLClassifierConfig.model_type):
         raise ConfigError(
-            f"model.pretrained_name: {path} holds a {model_type or 'unknown'!r} model; expected a Qwen2.5-VL folder"
+            f"model.pretrained_name: {path} has no config.json; expected a model folder of {supported()}"
         )
+    model_type = json.loads(config_file.read_text()).get("model_type", "")
+    family_of(model_type, f"model.pretrained_name: {path}")
     return model_type
 
 
@@ -84,7 +87,7 @@ def check_weight_files(path: Path) -> None:
 
 
 def check_processor_files(path: Path) -> None:
-    """A Qwen2.5-VL processor needs the tokenizer's files and the image processor's settings; without them
+    """A Qwen-VL processor needs the tokenizer's files and the image processor's settings; without them
     transformers builds a processor that fails at the first batch (or a config error much later)."""
     tokenizer = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
     image = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
@@ -134,18 +137,20 @@ def load_classifier(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     classifier_head: str = "linear",
-    cosine_scale: float = QwenVLClassifierConfig.cosine_scale,
+    cosine_scale: float = COSINE_SCALE,
     reinit_head: bool = False,
     bias: bool = False,
 ) -> QwenVLForImageClassification:
     """A classifier from a local folder: either a saved ``hf_model/`` (backbone and head; with ``reinit_head`` a
-    new head for a new label set on its backbone) or any Qwen2.5-VL checkpoint (3B/7B/32B/72B or the tiny
-    one), whose LM head is dropped and a new head added (``bias``: a linear head with a bias)."""
+    new head for a new label set on its backbone) or a checkpoint of any supported family (Qwen2.5-VL-7B,
+    Qwen3-VL-8B, ... or a tiny one), whose LM head is dropped and a new head added (``bias``: a linear head with
+    a bias). The folder's ``config.json`` chooses the family's classes."""
     path = Path(pretrained_name)
     model_type = qwen_model_type(path)
     check_weight_files(path)
-    if model_type == QwenVLClassifierConfig.model_type:
-        saved = QwenVLClassifierConfig.from_pretrained(path)
+    model_class = classifier_class(model_type)
+    if is_classifier(model_type):
+        saved = model_class.config_class.from_pretrained(path)
         if reinit_head:
             config = classifier_config(saved, num_labels, classifier_head, cosine_scale, bias)
             return _new_head_on(path, config, dtype, attn_implementation)
@@ -160,14 +165,12 @@ def load_classifier(
                 f"{saved.classifier_head} head (arcface trains a cosine head; the other losses a linear one); set "
                 "model.reinit_head: true to train a new head on its backbone"
             )
-        return QwenVLForImageClassification.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation
-        )
+        return model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     head_seed = int(torch.randint(0, 2**31 - 1, ()))  # before loading, whose path may draw from the RNG
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the LM head is "unexpected" by design; missing keys are checked below
     try:
-        backbone, info = Qwen2_5_VLModel.from_pretrained(
+        backbone, info = model_class.backbone_class.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
         )
     finally:
@@ -178,7 +181,7 @@ def load_classifier(
             f"model.pretrained_name: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}"
         )
     config = classifier_config(backbone.config, num_labels, classifier_head, cosine_scale, bias)
-    model = QwenVLForImageClassification(config, backbone=backbone)
+    model = model_class(config, backbone=backbone)
     init_head(model.score, config, head_seed)
     if not hasattr(model.score.weight, "ds_id"):  # a ZeRO-3 partition: DeepSpeed owns its dtype
         model.score.to(dtype)
@@ -186,14 +189,14 @@ def load_classifier(
 
 
 def _new_head_on(
-    path: Path, config: QwenVLClassifierConfig, dtype: torch.dtype, attn_implementation: str
+    path: Path, config: PreTrainedConfig, dtype: torch.dtype, attn_implementation: str
 ) -> QwenVLForImageClassification:
     """A trained classifier's backbone with a new, seeded head (transformers' ``ignore_mismatched_sizes``)."""
     head_seed = int(torch.randint(0, 2**31 - 1, ()))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the old head's weights are left out by design
     try:
-        model = QwenVLForImageClassification.from_pretrained(
+        model = classifier_class(config.model_type).from_pretrained(
             path,
             config=config,
             dtype=dtype,
@@ -208,7 +211,7 @@ def _new_head_on(
     return model
 
 
-def init_head(score: nn.Linear, config: QwenVLClassifierConfig, seed: int) -> None:
+def init_head(score: nn.Linear, config: PreTrainedConfig, seed: int) -> None:
     """A new head, N(0, initializer_range) with zero bias as transformers initialises a Linear, from its own
     seeded generator: the same head whether the backbone was loaded whole or into ZeRO-3 partitions (which
     draw differently from the global RNG, and whose post_init saw empty placeholders)."""

@@ -18,22 +18,24 @@ import torch
 
 from qwen_cls.config import LoraSettings
 from qwen_cls.errors import ConfigError
+from qwen_cls.families import DEFAULT_FAMILY, FAMILIES, Family, family_of
 
 HEAD = "score"
-LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VISION_PROJECTIONS = ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ADAPTER_DIR = "adapter"
 
 
-def target_modules(settings: LoraSettings) -> str | list[str]:
-    """peft's ``target_modules``: the user's suffixes, or a pattern over the language model's projections
-    (and the vision tower's with ``vision``); a pattern, because the vision MLP has the same names."""
+def target_modules(settings: LoraSettings, family: Family = FAMILIES[DEFAULT_FAMILY]) -> str | list[str]:
+    """peft's ``target_modules``: the user's suffixes, or a pattern over the family's language-model projections
+    (and its vision tower's with ``vision``); a pattern, because the vision MLP may have the same names."""
     if settings.target_modules:
         return list(settings.target_modules)
-    parts = [rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(LM_PROJECTIONS)})"]
+
+    def alternatives(names: tuple[str, ...]) -> str:
+        return "|".join(name.replace(".", r"\.") for name in names)
+
+    parts = [rf"model\.language_model\.layers\.\d+\.({alternatives(family.lm_projections)})"]
     if settings.vision:
-        vision = "|".join(p.replace(".", r"\.") for p in VISION_PROJECTIONS)
-        parts.append(rf"model\.visual\.blocks\.\d+\.({vision})")
+        parts.append(rf"model\.visual\.blocks\.\d+\.({alternatives(family.vision_projections)})")
     return rf"^({'|'.join(parts)})$"
 
 
@@ -50,7 +52,7 @@ def apply_lora(net: torch.nn.Module, settings: LoraSettings, seed: int = 0, part
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=target_modules(settings),
+        target_modules=target_modules(settings, family_of(net.config.model_type)),
     )
     try:
         peft_model = get_peft_model(net, config)

@@ -1,4 +1,4 @@
-"""The LightningModule that trains the classifier, and loading a Qwen2.5-VL checkpoint into it.
+"""The LightningModule that trains the classifier, and loading a Qwen-VL checkpoint (any supported family) into it.
 
 The Hugging Face model itself (what ``hf_model/`` holds) is in :mod:`qwen_cls.modeling`, which needs no
 Lightning.
@@ -22,6 +22,7 @@ from transformers.optimization import get_cosine_schedule_with_warmup
 from qwen_cls.config import DatasetsConfig, LoraSettings, LossConfig, TrainingConfig, WandbConfig
 from qwen_cls.console import say
 from qwen_cls.errors import CheckpointError, ConfigError, NonFiniteLossError
+from qwen_cls.families import is_classifier
 from qwen_cls.loading import (
     Attention,
     TorchDtype,
@@ -35,7 +36,6 @@ from qwen_cls.losses import classification_loss, head_for, mask_logits
 from qwen_cls.metrics import ClassificationMetrics, ClassScores
 from qwen_cls.modeling import (
     MODEL_INPUTS,
-    QwenVLClassifierConfig,
     QwenVLForImageClassification,
     label_maps,
 )
@@ -55,7 +55,8 @@ class QwenClassifier(L.LightningModule):
     """The ``model:`` section: what to load and how big the head is.
 
     Args:
-        pretrained_name: a local Qwen2.5-VL folder (any size), or a ``hf_model/`` saved by qwen-cls.
+        pretrained_name: a local model folder of a supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
+            Qwen3.5; any size; its config.json says which), or a ``hf_model/`` saved by qwen-cls.
         num_labels: columns of the head; at least every dataset's ``num_classes``.
         torch_dtype: weight dtype: ``auto`` follows ``trainer.precision`` (fp32 unless ``bf16-true``/``16-true``).
         attn_implementation: ``auto`` (FlashAttention-2 when installed and the GPU supports it, else ``sdpa``),
@@ -205,7 +206,7 @@ class QwenClassifier(L.LightningModule):
         for key, value in label_maps(self.datasets.id2label(hp.num_labels)).items():
             setattr(self.net.config, key, value)
         if self._trainer is not None and self._trainer.state.fn == "fit":
-            if qwen_model_type(hp.pretrained_name) == QwenVLClassifierConfig.model_type:
+            if is_classifier(qwen_model_type(hp.pretrained_name)):
                 _say_once(
                     f"model: a new head of {hp.num_labels} labels on the backbone of the classifier in {hp.pretrained_name}"
                     if hp.reinit_head

@@ -46,7 +46,7 @@ def image_size_problem(width: int, height: int) -> str | None:
     ratio = max(width, height) / max(1, min(width, height))
     if ratio > MAX_ASPECT_RATIO:
         return (
-            f"{width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; Qwen2.5-VL's processor takes at most "
+            f"{width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; the Qwen-VL processor takes at most "
             f"{MAX_ASPECT_RATIO}:1 (crop or pad it)"
         )
     return None

@@ -1,8 +1,10 @@
 """``qwen-cls export --format vllm``: a checkpoint's ``hf_model/`` as a folder vLLM serves as it is.
 
-vLLM (0.32) serves a Qwen2.5-VL sequence classifier with ``runner="pooling"``: architecture
-``Qwen2_5_VLForSequenceClassification``, model type ``qwen2_5_vl``, last-token pooling (as ours), the head's
-weight named ``language_model.score.weight`` and no bias. The export writes that config (the run's class names as
+vLLM (0.32) serves a Qwen-VL sequence classifier with ``runner="pooling"``: the family's architecture
+(``Qwen2_5_VLForSequenceClassification``, ``Qwen3VLForSequenceClassification``, ...: its generation model with a
+pooling head), its base model type (``qwen2_5_vl``), last-token pooling (as ours), the head's weight under the
+name that model loads it by (``language_model.score.weight`` for Qwen2/2.5-VL, ``score.weight`` from Qwen3-VL on)
+and no bias. The export writes that config (the run's class names as
 ``id2label``), the weights under vLLM's names, the processor the run trained with (its pixel bounds, so a client
 that sends only an image gets the training-time resize) and ``serving.json``: each dataset's chat-templated prompt,
 its columns and names, which a client of a multi-dataset model uses to mask the other datasets' columns.
@@ -23,11 +25,10 @@ from typing import Any
 
 from qwen_cls.config import RunConfig
 from qwen_cls.errors import ConfigError
+from qwen_cls.families import family_of
 from qwen_cls.run_dir import HF_DIR, INFO_FILE, check_new_folder, read_info, written_whole
 
-ARCHITECTURE = "Qwen2_5_VLForSequenceClassification"
-MODEL_TYPE = "qwen2_5_vl"
-HEAD_NAMES = {"score.weight": "language_model.score.weight"}  # ours -> vLLM's
+HEAD = "score.weight"  # ours
 SERVING_FILE = "serving.json"
 _CLASSIFIER_KEYS = ("classifier_head", "cosine_scale", "classifier_bias")
 _COPY_CHUNK = 64 << 20
@@ -48,9 +49,23 @@ def check_servable(hf_config: dict[str, Any], run: RunConfig, where: Path) -> No
 
 
 def vllm_config(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """Our classifier's config as vLLM reads a Qwen2.5-VL sequence classifier's."""
+    """Our classifier's config as vLLM reads the family's sequence classifier's. An MoE's router renormalises
+    its top-k weights in transformers (always, without a key); vLLM 0.32 reads that from ``norm_topk_prob``."""
+    family = family_of(hf_config.get("model_type", ""), "hf_model/config.json")
+    if not family.vllm_serves:
+        raise ConfigError(
+            f"--format vllm: vLLM 0.32 does not serve {family.title} as an image classifier (its "
+            "sequence-classification path loads the text-only model, without the vision tower); serve it with "
+            "qwen-cls predict, or export --format hf"
+        )
     config = {k: v for k, v in hf_config.items() if k not in _CLASSIFIER_KEYS}
-    config.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE, num_labels=len(config["id2label"]))
+    config.update(
+        architectures=[family.vllm_architecture],
+        model_type=family.model_type,
+        num_labels=len(config["id2label"]),
+    )
+    if family.moe:
+        config["text_config"] = {**config["text_config"], "norm_topk_prob": True}
     return config
 
 
@@ -89,24 +104,61 @@ def serving_info(run: RunConfig, hf_dir: Path, num_labels: int) -> dict[str, Any
     }
 
 
-def rename_tensors(source: Path, target: Path, names: dict[str, str]) -> bool:
-    """``source`` (a safetensors file) written to ``target`` with tensors renamed by ``names``; the header is
-    rewritten and the tensor bytes streamed. A file with none of the names is hard-linked (copied across file
-    systems). Returns whether a name was changed."""
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def rewrite_tensors(
+    source: Path, target: Path, names: dict[str, str], transposed: tuple[str, ...] = ()
+) -> bool:
+    """``source`` (a safetensors file) written to ``target`` with tensors renamed by ``names`` and the 3-D
+    tensors whose names end with one of ``transposed`` stored with their last two axes swapped (same bytes, so
+    every offset stays); the header is rewritten and the bytes streamed, one transposed tensor in memory at a
+    time. A file with nothing to change is hard-linked (copied across file systems). Returns whether the file
+    holds one of the names."""
     with source.open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(length))
-        if names.keys() & header.keys():
+        held = names.keys() & header.keys()
+        swap = sorted(
+            (header[k]["data_offsets"][0], k)
+            for k in header
+            if k != "__metadata__" and k.endswith(transposed) and len(header[k]["shape"]) == 3
+        ) if transposed else []  # fmt: skip
+        if any(names[name] != name for name in held) or swap:
             renamed = {names.get(key, key): value for key, value in header.items()}
+            for _, key in swap:
+                e, rows, cols = header[key]["shape"]
+                renamed[names.get(key, key)] = {**header[key], "shape": [e, cols, rows]}
             data = json.dumps(renamed, separators=(",", ":")).encode()
             data += b" " * (-len(data) % 8)  # the tensor data stays 8-byte aligned, as safetensors writes it
             with target.open("wb") as out:
                 out.write(struct.pack("<Q", len(data)))
                 out.write(data)
-                shutil.copyfileobj(fh, out, _COPY_CHUNK)  # offsets are relative to the data: unchanged
-            return True
+                at = 0  # offsets are relative to the data: unchanged
+                for start, key in swap:
+                    _copy_bytes(fh, out, start - at)
+                    end = header[key]["data_offsets"][1]
+                    out.write(_transposed_bytes(fh.read(end - start), header[key]))
+                    at = end
+                shutil.copyfileobj(fh, out, _COPY_CHUNK)
+            return bool(held)
     _link_or_copy(source, target)
-    return False
+    return bool(held)
+
+
+def _copy_bytes(fh, out, count: int) -> None:
+    while count > 0:
+        chunk = fh.read(min(count, _COPY_CHUNK))
+        out.write(chunk)
+        count -= len(chunk)
+
+
+def _transposed_bytes(raw: bytes, entry: dict[str, Any]) -> bytes:
+    import torch
+
+    dtype = getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])
+    tensor = torch.frombuffer(bytearray(raw), dtype=dtype).view(entry["shape"])
+    return tensor.transpose(1, 2).contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -132,18 +184,23 @@ def export_vllm(checkpoint: Path, output: str | None) -> Path:
     hf_config = json.loads((hf_dir / "config.json").read_text())
     check_servable(hf_config, run, hf_dir)
     config = vllm_config(hf_config)
+    family = family_of(hf_config["model_type"])
+    names = {HEAD: family.vllm_head}
+    # vLLM reads fused experts in the released checkpoints' layout, (experts, in, out): transformers keeps
+    # (experts, out, in) and saves it so
+    transposed = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") if family.moe else ()
     with written_whole(target) as tmp:
-        renamed = False
+        held = False
         for path in sorted(hf_dir.iterdir()):
             if path.suffix == ".safetensors":
-                renamed |= rename_tensors(path, tmp / path.name, HEAD_NAMES)
+                held |= rewrite_tensors(path, tmp / path.name, names, transposed)
             elif path.name.endswith(".safetensors.index.json"):
                 index = json.loads(path.read_text())
-                index["weight_map"] = {HEAD_NAMES.get(k, k): v for k, v in index["weight_map"].items()}
+                index["weight_map"] = {names.get(k, k): v for k, v in index["weight_map"].items()}
                 (tmp / path.name).write_text(json.dumps(index, indent=2) + "\n")
             elif path.is_file() and path.name != "config.json":
                 shutil.copyfile(path, tmp / path.name)
-        if not renamed:
+        if not held:
             raise ConfigError(f"--checkpoint_path: {hf_dir} holds no head weight (score.weight)")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         serving = serving_info(run, hf_dir, config["num_labels"])

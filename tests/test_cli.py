@@ -205,6 +205,22 @@ def test_unknown_yaml_key_is_rejected(tiny_model, demo_data, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rank_other_than_zero_says_its_error_too_tagged_with_its_rank(
+    tiny_model, demo_data, tmp_path, capsys, monkeypatch
+):
+    """Not rank 0 alone: a launcher ends the other ranks when the first one exits, often before rank 0 speaks
+    (the Slurm test in test_launch.py shows it end to end)."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    config = base_config(tiny_model, demo_data, tmp_path / "run")
+    config["training"]["save_every"] = 5
+    code, _, err = run_main(capsys, "fit", "--config", str(write_config(tmp_path / "config.yaml", config)))
+    assert code == 2 and err.strip().splitlines() == [
+        "qwen-cls: error: rank 1: training.save_every: unknown key"
+    ]
+
+
 def test_evaluate_takes_the_seeds_flags_and_reports_missing_checkpoints(tmp_path, demo_data, capsys):
     code, _, err = run_main(
         capsys, "evaluate", "--checkpoint_path", str(tmp_path), "--eval_data", str(demo_data / "val.jsonl")

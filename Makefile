@@ -25,8 +25,9 @@ demo: setup
 	$(QWEN_CLS) evaluate-all $(DEMO)/demo_run --eval_data $(DEMO)/mnist/val.jsonl
 	$(QWEN_CLS) report $(DEMO)/demo_run
 
+# the 25 slowest tests listed at the end: a CI run that takes longer shows where its time went
 test: setup serve-env slurm-env
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not multiprocess"

@@ -115,11 +115,45 @@ def start(root: Path, cpus: int = 2) -> SlurmCluster:
 
 
 def stop(cluster: SlurmCluster) -> None:
-    """Cancel what is left, stop the daemons (slurmd, slurmctld, munged: by their pid files)."""
+    """Cancel what is left and let it end, stop the daemons (slurmd, slurmctld, munged: by their pid files), then
+    end whatever the cluster started that outlived them: without this, a job still ending when munged stopped
+    left its slurmd, its batch step and the script's shell running on this machine after the tests."""
     cluster.run("scancel", "--full", "-u", "root", check=False)
+    deadline = time.monotonic() + 30
+    while cluster.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
+        time.sleep(0.5)
     for pid_file in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
-        path = cluster.root / pid_file
         try:
-            os.kill(int(path.read_text()), signal.SIGTERM)
+            pid = int((cluster.root / pid_file).read_text())
+            os.kill(pid, signal.SIGTERM)
         except (OSError, ValueError):
+            continue
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    for pid in _started_by(cluster):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
             pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _started_by(cluster: SlurmCluster) -> list[int]:
+    """The processes that carry this cluster's SLURM_CONF: its daemons, their job steps, the jobs' scripts."""
+    mark = f"SLURM_CONF={cluster.env['SLURM_CONF']}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if mark in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found

@@ -100,7 +100,7 @@ class EvalSampler(DistributedSampler):
     and a rank with a batch fewer would leave the others waiting for ever. A ``DistributedSampler``, so that
     Lightning leaves it as it is."""
 
-    def __init__(self, num_rows: int, num_replicas: int, rank: int):  # no super().__init__(): there is no dataset to pass
+    def __init__(self, num_rows: int, num_replicas: int, rank: int):  # no super().__init__(): no dataset
         self.num_rows, self.num_replicas, self.rank = num_rows, num_replicas, rank
 
     def __len__(self) -> int:

@@ -175,7 +175,9 @@ def scan_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[tuple[Pat
     """Complete checkpoint folders of a run in step order, and the incomplete ones with what is wrong."""
     found, incomplete = [], []
     for leftover in sorted(Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*.tmp")):
-        incomplete.append((leftover, "the temporary folder of a save that did not finish"))
+        incomplete.append(
+            (leftover, "the temporary folder of a save still being written or of one that did not finish")
+        )
     for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         step = checkpoint_step(path)
         if step is None or not path.is_dir():
